@@ -109,6 +109,10 @@ class ToyDiffusion:
     """The finite training set: `num_train` draws from the mixture."""
     return {"x": self.mixture.sample(np.random.default_rng([seed, 1]), self.config.num_train)}
 
+  def evaluate(self, params, samples: dict, seed: int) -> dict:
+    del params
+    return self.evaluate_samples(samples["x"], seed)
+
   def evaluate_samples(self, x: np.ndarray, seed: int) -> dict:
     fresh = self.mixture.sample(np.random.default_rng([seed, 2]), len(x))
     out = {"swd": sliced_wasserstein(x, fresh)}

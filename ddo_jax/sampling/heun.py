@@ -3,7 +3,7 @@
 `denoise(x, sigma, labels) -> D` is any EDM-preconditioned denoiser with sigma of shape [B]. The loop is a
 `jax.lax.scan` over steps, so the compiled program does not grow with the number of steps. Arithmetic
 runs in the dtype of `latents`: float32 by default; pass float64 latents inside
-`jax.experimental.enable_x64()` for EDM's float64 protocol (the network itself is called in float32, as
+`jax.enable_x64(True)` for EDM's float64 protocol (the network itself is called in float32, as
 EDMPrecond casts its input).
 
 Per-sample randomness (the churn noise) comes from per-sample keys, so a seed gives the same sample

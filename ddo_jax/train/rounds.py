@@ -103,8 +103,8 @@ class Driver:
 
   def evaluate(self, params) -> dict:
     c = self.config.selection
-    x = self.sample(params, c.eval_samples, seed=self.config.seed + 10_000)["x"]
-    return self.family.evaluate_samples(x, seed=self.config.seed)
+    samples = self.sample(params, c.eval_samples, seed=self.config.seed + 10_000)
+    return self.family.evaluate(params, samples, seed=self.config.seed)
 
   def selected(self, state):
     name = self.config.selection.params
@@ -150,6 +150,8 @@ class Driver:
         loss = float(metrics["loss"])
         self.writer.write(phase="pretrain", step=i + 1, loss=loss)
         progress.update(i + 1, f"loss {loss:.4f}")
+    if hasattr(self.family, "finalize_pretrained"):
+      return jax.jit(self.family.finalize_pretrained, out_shardings=self.param_shardings)(state["params"])
     return state["params"]
 
   # --- one round ------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ class Driver:
     ckpts.close()
     summary = {"round": r, "chosen_step": chosen["step"], "metrics": {k: v for k, v in chosen.items() if k != "step"},
                "reference_metrics": {k: v for k, v in history[0].items() if k != "step"}, "history": history,
-               "step_compilations": self.step_fn._cache_size()}
+               "step_compilations": self.step_fn.num_traces()}
     if jax.process_index() == 0:
       utils.atomic_write_json(rdir / "summary.json", summary)
       plots.round_curve(rdir / "metrics.png", history, metric, r)
@@ -246,7 +248,7 @@ class Driver:
         continue
       summaries.append(self.run_round(r))
     self.finish(summaries)
-    log.info("done in %.0f s; step compiled %d time(s)", time.time() - t0, self.step_fn._cache_size())
+    log.info("done in %.0f s; step compiled %d time(s)", time.time() - t0, self.step_fn.num_traces())
     return summaries
 
   def finish(self, summaries: list) -> None:

@@ -34,9 +34,15 @@ def state_shardings(abstract_state: Any, mesh, rules=()) -> Any:
 
 def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, shardings, ref_shardings,
                schedule=None):
-  """jit(step) with in/out shardings; loss_fn(params, ref_params, batch, rng) -> (loss, metrics)."""
+  """jit(step) with in/out shardings; loss_fn(params, ref_params, batch, rng) -> (loss, metrics).
+
+  The returned function has `num_traces()`: how many times it was traced, i.e. compiled (a retrace
+  would mean a shape, dtype or sharding changed; a whole run should compile the step once).
+  """
+  traces = [0]
 
   def step(state, ref_params, batch):
+    traces[0] += 1  # Python side effect: runs only while tracing.
     rng = jax.random.fold_in(state["rng"], state["step"])
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], ref_params, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -49,10 +55,12 @@ def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, sharding
                  "rng": state["rng"]}
     return new_state, metrics
 
-  return jax.jit(step,
-                 in_shardings=(shardings, ref_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)),
-                 donate_argnums=(0,))
+  jitted = jax.jit(step,
+                   in_shardings=(shardings, ref_shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)),
+                   donate_argnums=(0,))
+  jitted.num_traces = lambda: traces[0]
+  return jitted
 
 
 def ddo_loss_fn(family, alpha: float, beta: float) -> Callable:
