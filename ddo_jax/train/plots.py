@@ -21,7 +21,7 @@ def _save(fig, path) -> None:
 
 def samples_per_round(path, family, samples, titles) -> None:
   n = len(samples)
-  cols = min(n, 5)
+  cols = min(n, 3)
   rows = -(-n // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
   for ax in axes.flat:
