@@ -17,7 +17,6 @@ Public API:
 import collections
 import functools
 import json
-import math
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import jax
@@ -156,7 +155,7 @@ def _block_modules(torch_prefix, flax_prefix, cin, cout, up=False, down=False, a
 
 def _layout(config) -> List[_Module]:
   """The leaf modules of the precond's state_dict, in order (mirrors the upstream constructor)."""
-  mk = edm_precond._plain(edm_precond._plain(config)["model_kwargs"])
+  mk = edm_precond.plain_dict(edm_precond.plain_dict(config)["model_kwargs"])
   mc = mk["model_channels"]
   res0 = mk["img_resolution"]
   mods = []
@@ -217,7 +216,7 @@ class Entry(NamedTuple):
 
 
 def _config_key(config) -> str:
-  return json.dumps(edm_precond._plain(config), sort_keys=True, default=list)
+  return json.dumps(edm_precond.plain_dict(config), sort_keys=True, default=list)
 
 
 @functools.lru_cache(maxsize=16)
@@ -284,7 +283,7 @@ def expected_entries(config) -> List[Entry]:
   Shapes come from jax.eval_shape of the Flax init; the layout is checked to cover that tree exactly.
   """
   shapes = _flatten(abstract_params(config))
-  k = len(edm_precond._plain(config)["model_kwargs"]["resample_filter"])
+  k = len(edm_precond.plain_dict(config)["model_kwargs"]["resample_filter"])
   entries = []
   for m in _layout(config):
     leaves = {"linear": [("weight", "kernel", "dense_kernel")],
@@ -307,7 +306,7 @@ def expected_entries(config) -> List[Entry]:
 
 
 def _config_summary(config) -> str:
-  c = edm_precond._plain(config)
+  c = edm_precond.plain_dict(config)
   mk = c["model_kwargs"]
   return (f"{c['class_name']} + SongUNet(img_resolution={mk['img_resolution']}, "
           f"label_dim={mk['label_dim']}, augment_dim={mk['augment_dim']}, "
@@ -324,7 +323,7 @@ def _listing(title: str, items: List[str], limit: int = 40) -> str:
 
 
 def _filter_buffer(config) -> np.ndarray:
-  f = edm_precond._plain(config)["model_kwargs"]["resample_filter"]
+  f = edm_precond.plain_dict(config)["model_kwargs"]["resample_filter"]
   return resample_filter_2d(f)[None, None]
 
 
@@ -362,7 +361,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config) -> dict:
       parts.append(_listing("resample_filter buffers that differ from the config's filter", bad_filters))
     parts.append(
         "Build the config from this checkpoint's own constructor kwargs "
-        "(config_from_init_kwargs(data['ema']._init_kwargs, class_name)), e.g. label_dim 0 vs 10 "
+        "(config_from_init_kwargs(<the pickle's ema _init_kwargs>, <its class name>)), e.g. label_dim 0 vs 10 "
         "adds or removes model.map_label.*, augment_dim adds model.map_augment.weight; and pass the "
         "state_dict of the precond object itself (keys start with 'model.').")
     raise ValueError("\n".join(parts))

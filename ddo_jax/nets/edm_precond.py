@@ -140,7 +140,7 @@ class VEPrecond(_Precond):
 PRECONDS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
 
 
-def _plain(config) -> dict:
+def plain_dict(config) -> dict:
   """A ConfigDict or Mapping as a plain dict."""
   if hasattr(config, "to_dict"):
     return config.to_dict()
@@ -149,7 +149,7 @@ def _plain(config) -> dict:
 
 def build_songunet(config: Mapping[str, Any]) -> SongUNet:
   """The SongUNet described by config['model_kwargs']."""
-  kw = _plain(_plain(config)["model_kwargs"])
+  kw = plain_dict(plain_dict(config)["model_kwargs"])
   for k in ("channel_mult", "attn_resolutions", "resample_filter"):
     kw[k] = tuple(kw[k])
   return SongUNet(**kw)
@@ -161,9 +161,9 @@ def build_precond(config: Mapping[str, Any]) -> _Precond:
   config: {'class_name': 'EDMPrecond' | 'VPPrecond' | 'VEPrecond', 'label_dim': int,
            'precond_kwargs': {...}, 'model_kwargs': {SongUNet kwargs}}.
   """
-  config = _plain(config)
+  config = plain_dict(config)
   cls = PRECONDS.get(config["class_name"])
   if cls is None:
     raise ValueError(f"unknown precond class {config['class_name']!r}; expected one of {list(PRECONDS)}")
   return cls(model=build_songunet(config), label_dim=int(config["label_dim"]),
-             **_plain(config.get("precond_kwargs", {})))
+             **plain_dict(config.get("precond_kwargs", {})))
