@@ -19,6 +19,7 @@ def get_config(arg: str = ""):
       features=[32, 32], num_freqs=8,           # limited capacity on purpose
       P_mean=-1.2, P_std=1.2,                   # EDM's CIFAR-10 sigma distribution (METHOD.md §2.2)
       num_train=50_000,                         # size of the finite training set
+      eval_samples=16_384,                      # samples per evaluation (metrics vs fresh data)
       sampler=dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0),  # EDM Heun, 35 NFE
   )
   c.mesh = dict(data=-1, fsdp=1)
@@ -36,7 +37,7 @@ def get_config(arg: str = ""):
   # Linear warm-up over the whole round and no decay, as in the paper's EDM rounds (METHOD.md §2.4).
   c.optim = dict(name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=1000, clip_norm=0.0)
   c.ema = {"ema": dict(kind="halflife", halflife_kimg=25.0, rampup_ratio=None)}
-  c.selection = dict(params="ema", metric="swd", choose="best", eval_every=250, eval_samples=16_384)
+  c.selection = dict(params="ema", metric="swd", choose="best", eval_every=250)
   c.checkpoint = dict(every=250, async_save=False)
   c.log_every = 100
   c.plot_samples = 4096
@@ -47,7 +48,8 @@ def get_config(arg: str = ""):
     c.negatives.num = 512
     c.sampling.batch_size = 256
     c.optim.warmup_steps = 16
-    c.selection = dict(params="ema", metric="swd", choose="best", eval_every=8, eval_samples=512)
+    c.model.eval_samples = 512
+    c.selection = dict(params="ema", metric="swd", choose="best", eval_every=8)
     c.checkpoint.every = 4
     c.log_every = 4
     c.plot_samples = 512

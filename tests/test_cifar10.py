@@ -81,7 +81,7 @@ def _check_batch(batch, size):
 
 def test_tfds_mock_shapes_range_onehot(tmp_path):
   with tfds.testing.mock_data(**MOCK):
-    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path))
+    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=False)
     assert n == MOCK["num_examples"]
     batch = source(np.array([0, 5, 5, 23, 1]))
   _check_batch(batch, 5)
@@ -92,8 +92,8 @@ def test_tfds_mock_shapes_range_onehot(tmp_path):
 def test_tfds_mock_deterministic_and_per_index(tmp_path):
   idx = np.array([7, 3, 11, 0])
   with tfds.testing.mock_data(**MOCK):
-    a, _ = cifar10.load_tfds("train", data_dir=str(tmp_path))
-    b, _ = cifar10.load_tfds("train", data_dir=str(tmp_path))
+    a, _ = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=False)
+    b, _ = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=False)
     ba, bb = a(idx), b(idx)
     singles = [a(np.array([i])) for i in idx[::-1]]
     cached, _ = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=True)
@@ -104,9 +104,10 @@ def test_tfds_mock_deterministic_and_per_index(tmp_path):
     np.testing.assert_array_equal(ba[k], bc[k])
 
 
-def test_tfds_mock_plugs_into_paired_batches(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_tfds_mock_plugs_into_paired_batches(tmp_path, cache):
   with tfds.testing.mock_data(**MOCK):
-    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path))
+    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=cache)
     it = PairedBatches(source, n, global_batch=16, seed=3)
     first, second = it.next(), it.next()
     it.set_state({"position": 1})
@@ -122,7 +123,7 @@ def test_tfds_mock_plugs_into_paired_batches(tmp_path):
 
 def test_out_of_range_indices_raise(tmp_path):
   with tfds.testing.mock_data(**MOCK):
-    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path))
+    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=False)
     with pytest.raises(IndexError):
       source(np.array([0, n]))
     with pytest.raises(IndexError):
@@ -137,7 +138,7 @@ def test_tfds_array_record_exact_pixels_and_labels(tmp_path):
   images, labels = _random_cifar(12)
   write_tfds_array_record(tmp_path, images, labels)
   idx = np.array([4, 0, 11, 4, 7])
-  source, n = cifar10.load_tfds("train", data_dir=str(tmp_path))
+  source, n = cifar10.load_tfds("train", data_dir=str(tmp_path), cache=False)
   assert n == 12
   batch = source(idx)
   _check_batch(batch, len(idx))

@@ -95,7 +95,8 @@ def test_negative_store_is_independent_of_device_count_and_resumable(tmp_path):
   outs = []
   for devices, chunk in ((jax.devices()[:1], 64), (jax.devices(), 128)):
     mesh = parallel.make_mesh(devices=devices)
-    fn = jax.jit(fam.sample, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    bs = parallel.batch_sharding(mesh)
+    fn = jax.jit(fam.sample, in_shardings=(parallel.replicated(mesh), bs, bs),
                  out_shardings=parallel.batch_sharding(mesh))
     d = tmp_path / f"store_{len(devices)}"
     negatives.generate(fn, params, num=256, chunk_size=chunk, directory=d, seed=5, mesh=mesh)

@@ -23,7 +23,7 @@ def is_complete(directory) -> bool:
 
 
 def generate(sample_fn: Callable, params, *, num: int, chunk_size: int, directory, seed: int, mesh) -> dict:
-  """Fill `directory` with `num` samples of `sample_fn(params, keys) -> dict of [B, ...] arrays`.
+  """Fill `directory` with `num` samples of `sample_fn(params, keys, seeds) -> dict of [B, ...] arrays`.
 
   `sample_fn` is jitted by the caller with keys sharded over the mesh's batch axes; `chunk_size` must be
   divisible by the number of batch shards.
@@ -45,10 +45,10 @@ def generate(sample_fn: Callable, params, *, num: int, chunk_size: int, director
     path = directory / f"chunk_{i:05d}.npz"
     if path.exists():
       continue
-    seeds = np.arange(i * chunk_size, (i + 1) * chunk_size)
-    keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(seeds)
-    keys = jax.device_put(keys, parallel.batch_sharding(mesh))
-    out = parallel.to_host(sample_fn(params, keys))
+    seeds = np.arange(i * chunk_size, (i + 1) * chunk_size, dtype=np.int32)
+    sharding = parallel.batch_sharding(mesh)
+    keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(base, s))(seeds), sharding)
+    out = parallel.to_host(sample_fn(params, keys, jax.device_put(seeds, sharding)))
     if jax.process_index() == 0:
       utils.atomic_savez(path, **out)
     progress.update((i + 1) * chunk_size)

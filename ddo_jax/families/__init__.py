@@ -10,4 +10,7 @@ def make(config):
   if name == "toy_grid":
     from ddo_jax.families.toy_grid import ToyGrid
     return ToyGrid(config.model)
-  raise ValueError(f"config.family={name!r} is not a known model family (toy_diffusion, toy_grid)")
+  if name == "edm":
+    from ddo_jax.families.edm import EDM
+    return EDM(config.model)
+  raise ValueError(f"config.family={name!r} is not a known model family (toy_diffusion, toy_grid, edm)")

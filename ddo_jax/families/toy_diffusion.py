@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddo_jax.data import pipeline
 from ddo_jax.families import diffusion
 from ddo_jax.nets.mlp_denoiser import MLPDenoiser
 from ddo_jax.sampling.heun import heun_sample
@@ -96,7 +97,7 @@ class ToyDiffusion:
     return diffusion.edm_log_ratio(self.denoise, params, ref_params, batch["real"]["x"], batch["fake"]["x"],
                                    rng, P_mean=c.P_mean, P_std=c.P_std, sigma_data=self.sigma_data)
 
-  def sample(self, params, keys: jax.Array) -> dict:
+  def sample(self, params, keys: jax.Array, seeds: jax.Array = None) -> dict:
     """One sample per key (per-seed noise), with the configured Heun sampler."""
     s = self.config.sampler
     latents = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, jnp.float32))(keys)
@@ -105,13 +106,14 @@ class ToyDiffusion:
     return {"x": x}
 
   # --- data and evaluation (host side) --------------------------------------------------------------
-  def real_data(self, seed: int) -> dict:
-    """The finite training set: `num_train` draws from the mixture."""
-    return {"x": self.mixture.sample(np.random.default_rng([seed, 1]), self.config.num_train)}
+  def real_source(self, seed: int):
+    """The finite training set: `num_train` draws from the mixture (source, size)."""
+    x = self.mixture.sample(np.random.default_rng([seed, 1]), self.config.num_train)
+    return pipeline.array_source({"x": x}), len(x)
 
-  def evaluate(self, params, samples: dict, seed: int) -> dict:
+  def evaluate(self, params, sample, seed: int) -> dict:
     del params
-    return self.evaluate_samples(samples["x"], seed)
+    return self.evaluate_samples(sample(self.config.eval_samples)["x"], seed)
 
   def evaluate_samples(self, x: np.ndarray, seed: int) -> dict:
     fresh = self.mixture.sample(np.random.default_rng([seed, 2]), len(x))
@@ -119,8 +121,9 @@ class ToyDiffusion:
     out.update(mode_metrics(x, self.mixture))
     return out
 
-  def reference_metrics(self, n: int, seed: int) -> dict:
+  def reference_metrics(self, seed: int) -> dict:
     """The same metrics for a fresh draw of data: the noise floor a perfect model would reach."""
+    n = self.config.eval_samples
     return self.evaluate_samples(self.mixture.sample(np.random.default_rng([seed, 3]), n), seed)
 
   def plot_samples(self, ax, x: np.ndarray, title: str) -> None:

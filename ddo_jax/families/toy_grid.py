@@ -111,20 +111,22 @@ class ToyGrid:
     gap = log_prob(params, x) - jax.lax.stop_gradient(log_prob(ref_params, x))
     return gap[:len(x_real)], gap[len(x_real):]
 
-  def sample(self, params, keys):
+  def sample(self, params, keys, seeds=None):
     return {"x": sample(params, keys)}
 
-  def real_data(self, seed: int) -> dict:
+  def real_source(self, seed: int):
+    from ddo_jax.data import pipeline
     rng = np.random.default_rng([seed, 1])
     flat = rng.choice(SIZE * SIZE, size=self.config.num_train, p=self.p_data.ravel())
-    return {"x": np.stack([flat // SIZE, flat % SIZE], axis=-1).astype(np.int32)}
+    x = np.stack([flat // SIZE, flat % SIZE], axis=-1).astype(np.int32)
+    return pipeline.array_source({"x": x}), len(x)
 
-  def evaluate(self, params, samples, seed: int) -> dict:
-    del samples, seed
+  def evaluate(self, params, sample, seed: int) -> dict:
+    del sample, seed
     logq = np.asarray(logp_table(jax.tree_util.tree_map(np.asarray, params)))
     return {"kl": kl(self.p_data, logq), "reverse_kl": kl(np.exp(logq), np.log(self.p_data))}
 
-  def reference_metrics(self, n: int, seed: int) -> dict:
+  def reference_metrics(self, seed: int) -> dict:
     return {"kl": 0.0, "reverse_kl": 0.0}
 
   def plot_samples(self, ax, x, title):

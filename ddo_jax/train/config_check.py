@@ -23,7 +23,6 @@ def validate(config) -> None:
   _require(c.selection.params == "params" or c.selection.params in c.ema,
            f"selection.params={c.selection.params!r} must be 'params' or one of the EMAs {list(c.ema.keys())}")
   _require(c.selection.eval_every >= 1, f"selection.eval_every must be >= 1, got {c.selection.eval_every}")
-  _require(c.selection.eval_samples >= 1, f"selection.eval_samples must be >= 1")
   _require(c.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {c.checkpoint.every}")
   _require(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
   _require(c.init.kind in ("pretrain", "checkpoint"), f"init.kind must be 'pretrain' or 'checkpoint', got {c.init.kind!r}")

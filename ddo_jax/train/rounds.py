@@ -74,11 +74,10 @@ class Driver:
         self.family, self.tx, self.ema_specs, alpha=config.ddo.alpha, beta=config.ddo.beta,
         batch_size=self.batch_size, mesh=self.mesh, shardings=self.state_shardings,
         ref_shardings=self.param_shardings, schedule=self.schedule)
-    self.sample_fn = jax.jit(self.family.sample,
-                             in_shardings=(self.param_shardings, parallel.batch_sharding(self.mesh)),
-                             out_shardings=parallel.batch_sharding(self.mesh))
-    self.real = self.family.real_data(config.seed)
-    self.num_real = len(next(iter(self.real.values())))
+    batch_sh = parallel.batch_sharding(self.mesh)
+    self.sample_fn = jax.jit(self.family.sample, in_shardings=(self.param_shardings, batch_sh, batch_sh),
+                             out_shardings=batch_sh)
+    self.real, self.num_real = self.family.real_source(config.seed)
 
   # --- helpers ------------------------------------------------------------------------------------
   def abstract_params(self):
@@ -89,22 +88,22 @@ class Driver:
     path = _round_dir(self.workdir, r) / "chosen"
     return checkpoint.load_tree(path, {"params": self.abstract_params()})["params"]
 
-  def sample(self, params, num: int, seed: int) -> dict:
-    """`num` samples (per-seed keys fold_in(key(seed), i)) in sampler batches, as host arrays."""
+  def sample(self, params, num: int, seed: int, start: int = 0) -> dict:
+    """Samples for seeds [start, start + num) (keys fold_in(key(seed), s)), in sampler batches, on host."""
     bs = self.config.sampling.batch_size
     base = jax.random.key(seed)
+    sharding = parallel.batch_sharding(self.mesh)
     out = []
-    for start in range(0, num, bs):
-      ids = np.arange(start, start + bs)
-      keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(base, s))(ids),
-                            parallel.batch_sharding(self.mesh))
-      out.append(parallel.to_host(self.sample_fn(params, keys)))
+    for first in range(start, start + num, bs):
+      ids = np.arange(first, first + bs, dtype=np.int32)
+      keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(base, s))(ids), sharding)
+      out.append(parallel.to_host(self.sample_fn(params, keys, jax.device_put(ids, sharding))))
     return {k: np.concatenate([o[k] for o in out])[:num] for k in out[0]}
 
   def evaluate(self, params) -> dict:
-    c = self.config.selection
-    samples = self.sample(params, c.eval_samples, seed=self.config.seed + 10_000)
-    return self.family.evaluate(params, samples, seed=self.config.seed)
+    seed = self.config.seed + 10_000
+    return self.family.evaluate(params, lambda num, start=0: self.sample(params, num, seed, start),
+                                seed=self.config.seed)
 
   def selected(self, state):
     name = self.config.selection.params
@@ -119,7 +118,12 @@ class Driver:
     if c.kind == "pretrain":
       params = self.pretrain()
     else:
-      params = checkpoint.load_tree(c.checkpoint, {"params": self.abstract_params()})["params"]
+      # A converted model (launch.convert: DIR/params + DIR/model.json) or a round's chosen/ folder.
+      src = pathlib.Path(c.checkpoint)
+      if hasattr(self.family, "check_converted"):
+        self.family.check_converted(src / "model.json")
+      tree = src / "params" if (src / "params").exists() else src
+      params = checkpoint.load_tree(tree, {"params": self.abstract_params()})["params"]
     checkpoint.save_tree(path, {"params": params})
     metrics = self.evaluate(self.load_chosen(0))
     self.writer.write(round=0, step=0, **metrics)
@@ -141,8 +145,7 @@ class Driver:
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     step = step_lib.make_mle_step(self.family, tx, {}, batch_size=c.batch_size, mesh=self.mesh,
                                   shardings=shardings)
-    data = pipeline.PairedBatches(pipeline.array_source(self.real), self.num_real, c.batch_size,
-                                  seed=self.config.seed)
+    data = pipeline.PairedBatches(self.real, self.num_real, c.batch_size, seed=self.config.seed)
     progress = utils.Progress("pretrain", c.steps, unit="steps")
     for i in range(c.steps):
       state, metrics = step(state, None, parallel.global_batch(data.next()["real"], self.mesh))
@@ -167,7 +170,7 @@ class Driver:
                              directory=rdir / "negatives", seed=round_seed, mesh=self.mesh)
       fakes = negatives_lib.load(rdir / "negatives")
       fake_source, num_fake = pipeline.array_source(fakes), len(next(iter(fakes.values())))
-    data = pipeline.PairedBatches(pipeline.array_source(self.real), self.num_real, self.batch_size,
+    data = pipeline.PairedBatches(self.real, self.num_real, self.batch_size,
                                   seed=round_seed, fake=fake_source, num_fake=num_fake)
 
     ckpts = checkpoint.RoundCheckpoints(rdir / "checkpoints", metric=cfg.selection.metric,
@@ -191,10 +194,10 @@ class Driver:
     for i in range(start, steps):
       batch = data.next()
       if cfg.negatives.mode == "online":
-        ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
-        keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(online_base, s))(ids),
-                              parallel.batch_sharding(self.mesh))
-        fake = self.sample_fn(ref, keys)
+        ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size, dtype=np.int32)
+        sharding = parallel.batch_sharding(self.mesh)
+        keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(online_base, s))(ids), sharding)
+        fake = self.sample_fn(ref, keys, jax.device_put(ids, sharding))
         batch = parallel.global_batch(batch, self.mesh)
         batch["fake"] = fake
       else:
@@ -257,7 +260,7 @@ class Driver:
     lines = ["round  " + "  ".join(f"{k:>10s}" for k in keys)]
     for s in summaries:
       lines.append(f"{s['round']:5d}  " + "  ".join(f"{s['metrics'][k]:10.5f}" for k in keys))
-    floor = self.family.reference_metrics(self.config.selection.eval_samples, self.config.seed)
+    floor = self.family.reference_metrics(self.config.seed)
     lines.append("data   " + "  ".join(f"{floor.get(k, float('nan')):10.5f}" for k in keys))
     table = "\n".join(lines)
     print(f"\nmetrics of each round's chosen model ({metric} selects; 'data' = fresh ground-truth samples):\n"

@@ -1,0 +1,177 @@
+"""EDM family (Karras et al. 2022): SongUNet/DDPM++ with EDM (or VP/VE) preconditioning.
+
+DDO's log-ratio is the EDM-form surrogate of METHOD.md §2.2 (`ddo_jax.families.diffusion`): one
+log-normal sigma per index (P_mean, P_std from the config), one noise tensor shared by real i, fake i,
+target and reference, lambda(sigma)-weighted squared error summed over C, H, W, float32, no dropout,
+no augmentation (augment labels are not passed, so `map_augment` gets no gradient).
+
+Negatives and evaluation samples come from EDM's Heun sampler (default 18 steps = 35 NFE), with either
+random labels (EDM's generate.py) or strict class balance (label = seed mod label_dim).
+"""
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddo_jax.families import diffusion
+from ddo_jax.nets.edm_precond import build_precond, plain_dict
+from ddo_jax.sampling.heun import heun_sample
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] float NHWC -> uint8 as EDM's generate.py: clip(x * 127.5 + 128, 0, 255)."""
+  return np.clip(np.asarray(x, np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
+
+
+def _compare_nets(ours: dict, theirs: dict, source: str) -> None:
+  """Refuse a converted checkpoint whose network differs from the config (dropout may differ)."""
+  a, b = json.loads(json.dumps(ours)), json.loads(json.dumps(theirs))
+  for d in (a, b):
+    d.get("model_kwargs", {}).pop("dropout", None)
+    d.pop("use_fp16", None)
+  if a != b:
+    keys = sorted(set(_flat(a)) | set(_flat(b)))
+    diff = [f"{k}: config {_flat(a).get(k)!r} vs checkpoint {_flat(b).get(k)!r}" for k in keys
+            if _flat(a).get(k) != _flat(b).get(k)]
+    raise ValueError(f"the network in {source} differs from config.model.net:\n  " + "\n  ".join(diff)
+                     + "\nUse the config variant that matches the checkpoint, or fix config.model.net.")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class EDM:
+  """The family object; `config` is the run config's `model` (see configs/edm_cifar10.py)."""
+  name = "edm"
+
+  def __init__(self, config):
+    self.config = config
+    self.net_config = plain_dict(config.net)
+    self.net = build_precond(self.net_config)
+    self.label_dim = int(self.net_config["label_dim"])
+    r, c = self.net_config["img_resolution"], self.net_config["img_channels"]
+    self.sample_shape = (r, r, c)
+    self.sigma_data = float(self.net_config["precond_kwargs"].get("sigma_data", 0.5))
+    self.metric_mode = "min"
+    if config.labels not in ("random", "balanced"):
+      raise ValueError(f"model.labels={config.labels!r} must be 'random' or 'balanced'")
+
+  # --- pure functions -------------------------------------------------------------------------------
+  def init_params(self, rng):
+    x = jnp.zeros((1,) + self.sample_shape, jnp.float32)
+    labels = jnp.zeros((1, self.label_dim), jnp.float32) if self.label_dim else None
+    return self.net.init(rng, x, jnp.ones([1]), labels)["params"]
+
+  def denoise(self, params, x, sigma, labels=None):
+    return self.net.apply({"params": params}, x, sigma, labels)
+
+  def pretrain_loss(self, params, batch, rng):
+    c = self.config
+    return diffusion.edm_denoising_loss(self.denoise, params, batch["x"], rng, P_mean=c.P_mean, P_std=c.P_std,
+                                        sigma_data=self.sigma_data, labels=batch.get("label"))
+
+  def log_ratio(self, params, ref_params, batch, rng):
+    c = self.config
+    real, fake = batch["real"], batch["fake"]
+    return diffusion.edm_log_ratio(self.denoise, params, ref_params, real["x"], fake["x"], rng,
+                                   P_mean=c.P_mean, P_std=c.P_std, sigma_data=self.sigma_data,
+                                   labels_real=real.get("label"), labels_fake=fake.get("label"))
+
+  def labels_for(self, keys, seeds):
+    if not self.label_dim:
+      return None
+    if self.config.labels == "balanced":
+      cls = seeds % self.label_dim
+    else:
+      cls = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.label_dim))(keys)
+    return jax.nn.one_hot(cls, self.label_dim, dtype=jnp.float32)
+
+  def sample(self, params, keys, seeds):
+    """Heun samples, one per (key, seed): latents from the key, labels random or seed mod label_dim."""
+    s = self.config.sampler
+    latents = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, jnp.float32))(keys)
+    labels = self.labels_for(keys, seeds)
+    x = heun_sample(lambda x, sigma, l: self.denoise(params, x, sigma, l), latents, labels,
+                    num_steps=s.num_steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho,
+                    S_churn=s.S_churn, keys=keys)
+    out = {"x": x}
+    if labels is not None:
+      out["label"] = labels
+    return out
+
+  # --- data and evaluation (host side) --------------------------------------------------------------
+  def real_source(self, seed: int):
+    from ddo_jax.data import cifar10
+    del seed
+    return cifar10.load(self.config.data)
+
+  def check_converted(self, model_json_path) -> None:
+    path = pathlib.Path(model_json_path)
+    if not path.exists():
+      return
+    meta = json.loads(path.read_text())
+    if meta.get("family") not in (None, "edm"):
+      raise ValueError(f"{path} describes a {meta.get('family')!r} checkpoint, not an EDM one")
+    _compare_nets(self.net_config, meta["net"], str(path))
+
+  def evaluate(self, params, sample: Callable, seed: int) -> dict:
+    """The selection metric: 'fid' (Inception statistics of generated samples against reference
+    statistics) or 'denoise_loss' (EDM's weighted denoising loss on a fixed held-out real batch at
+    fixed noise levels; cheap, deterministic, for tests and debugging)."""
+    metric = self.config.metric
+    if metric == "denoise_loss":
+      return {"denoise_loss": self._denoise_loss(params, seed)}
+    if metric == "fid":
+      return self._fid(params, sample)
+    raise ValueError(f"model.metric={metric!r} must be 'fid' or 'denoise_loss'")
+
+  def _denoise_loss(self, params, seed: int) -> float:
+    source, n = self.real_source(seed)
+    idx = np.random.default_rng([seed, 9]).permutation(n)[:min(n, self.config.eval_batch)]
+    batch = source(idx)
+    fn = getattr(self, "_val_fn", None)
+    if fn is None:
+      def loss(p, x, labels):
+        sigma = jnp.exp(jnp.linspace(-3.0, 2.0, x.shape[0]))   # fixed grid of noise levels
+        eps = jax.random.normal(jax.random.key(seed), x.shape, jnp.float32)
+        noise = sigma.reshape(-1, 1, 1, 1) * eps
+        return -jnp.mean(diffusion.weighted_logp(self.denoise, p, x, noise, sigma, labels, self.sigma_data))
+      fn = self._val_fn = jax.jit(loss)
+    return float(fn(params, jnp.asarray(batch["x"]), None if "label" not in batch else jnp.asarray(batch["label"])))
+
+  def _fid(self, params, sample: Callable) -> dict:
+    from ddo_jax.metrics import evaluator as evaluator_lib
+    ev = getattr(self, "_evaluator", None)
+    if ev is None:
+      ev = self._evaluator = evaluator_lib.from_config(self.config.eval)
+    ev.reset()
+    n, bs = self.config.eval.num_samples, self.config.eval.batch_size
+    for start in range(0, n, bs):
+      x = sample(min(bs, n - start), start)["x"]
+      ev.add_uint8(to_uint8(x))
+    return ev.result()
+
+  def reference_metrics(self, seed: int) -> dict:
+    return {}
+
+  def plot_samples(self, ax, x, title):
+    x = to_uint8(x[:64])
+    k = int(np.ceil(np.sqrt(len(x))))
+    h, w, c = x.shape[1:]
+    grid = np.full((k * h, k * w, c), 255, np.uint8)
+    for i, img in enumerate(x):
+      grid[(i // k) * h:(i // k + 1) * h, (i % k) * w:(i % k + 1) * w] = img
+    ax.imshow(grid.squeeze())
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
