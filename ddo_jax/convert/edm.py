@@ -174,7 +174,7 @@ def _check_not_state_dict_file(path: str) -> None:
     head = f.read(64)
   is_zip = head.startswith(b"PK\x03\x04")
   is_legacy = head.startswith(torch_pickle._LEGACY_PREFIX)  # pylint: disable=protected-access
-  is_safetensors = len(head) >= 9 and head[8:9] == b"{"
+  is_safetensors = len(head) >= 9 and head[8:9] == b"{" and head[:1] != b"\x80"
   if is_zip or is_legacy or is_safetensors:
     raise UnsupportedCheckpointError(_describe_torch_save(path, head))
 

@@ -111,9 +111,12 @@ class EDM:
 
   # --- data and evaluation (host side) --------------------------------------------------------------
   def real_source(self, seed: int):
+    """The training images (loaded once): CIFAR-10 from tfds or EDM's dataset zip."""
     from ddo_jax.data import cifar10
     del seed
-    return cifar10.load(self.config.data)
+    if getattr(self, "_source", None) is None:
+      self._source = cifar10.load(self.config.data)
+    return self._source
 
   def check_converted(self, model_json_path) -> None:
     path = pathlib.Path(model_json_path)

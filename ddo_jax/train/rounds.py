@@ -261,10 +261,11 @@ class Driver:
     for s in summaries:
       lines.append(f"{s['round']:5d}  " + "  ".join(f"{s['metrics'][k]:10.5f}" for k in keys))
     floor = self.family.reference_metrics(self.config.seed)
-    lines.append("data   " + "  ".join(f"{floor.get(k, float('nan')):10.5f}" for k in keys))
+    if floor:
+      lines.append("data   " + "  ".join(f"{floor.get(k, float('nan')):10.5f}" for k in keys))
     table = "\n".join(lines)
-    print(f"\nmetrics of each round's chosen model ({metric} selects; 'data' = fresh ground-truth samples):\n"
-          + table, flush=True)
+    note = "; 'data' = fresh ground-truth samples" if floor else ""
+    print(f"\nmetrics of each round's chosen model ({metric} selects{note}):\n" + table, flush=True)
     if jax.process_index() != 0:
       return
     utils.atomic_write_json(self.workdir / "summary.json", {
