@@ -42,13 +42,19 @@ from ddo_jax.convert.torch_pickle import CheckpointFormatError, ForbiddenGlobalE
 __all__ = [
     "KNOWN_SOURCES",
     "UnsupportedCheckpointError",
+    "check_params",
     "convert_edm_pickle",
     "convert_edm_state_dict",
     "export_edm",
+    "export_format",
+    "file_sha256",
     "load_converted",
     "load_params_dir",
     "module_source_texts",
+    "normalize_config",
+    "read_model_json",
     "save_converted",
+    "source_status",
     "write_dir_atomically",
 ]
 
@@ -180,6 +186,7 @@ def _check_not_state_dict_file(path: str) -> None:
 
 
 def _edm2_message(path: str, why: str) -> str:
+  """The refusal message for an EDM2 pickle; ``why`` says how it was recognized."""
   return (f"{path}: this is an EDM2 network pickle ({why}; NVlabs/edm2 networks_edm2.py). EDM2 is a different "
           f"family (magnitude-preserving UNet, Precond/UNet/MPConv classes, fp16, optional VAE encoder) and is not "
           f"supported by this converter yet; only EDM (NVlabs/edm) EDMPrecond/VPPrecond/VEPrecond + SongUNet "
@@ -364,6 +371,7 @@ def load_params_dir(path) -> Any:
 
 
 def _has_cpu() -> bool:
+  """True when a CPU backend is available (restores go to host memory)."""
   import jax  # pylint: disable=import-outside-toplevel
   try:
     return bool(jax.devices("cpu"))

@@ -96,18 +96,29 @@ class EDM:
       cls = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.label_dim))(keys)
     return jax.nn.one_hot(cls, self.label_dim, dtype=jnp.float32)
 
-  def sample(self, params, keys, seeds):
-    """Heun samples, one per (key, seed): latents from the key, labels random or seed mod label_dim."""
+  def sample(self, params, keys, seeds, dtype=jnp.float32):
+    """Heun samples, one per (key, seed): latents from the key, labels random or seed mod label_dim.
+
+    dtype sets the sampler's arithmetic; float64 (EDM's protocol, `sample_float64`) must be traced
+    inside `jax.enable_x64(True)`. The network always runs in float32.
+    """
     s = self.config.sampler
-    latents = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, jnp.float32))(keys)
+    latents = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, dtype))(keys)
     labels = self.labels_for(keys, seeds)
     x = heun_sample(lambda x, sigma, l: self.denoise(params, x, sigma, l), latents, labels,
                     num_steps=s.num_steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho,
                     S_churn=s.S_churn, keys=keys)
-    out = {"x": x}
+    out = {"x": x.astype(jnp.float32)}
     if labels is not None:
       out["label"] = labels
     return out
+
+  def sample_float64(self, params, keys, seeds):
+    return self.sample(params, keys, seeds, dtype=jnp.float64)
+
+  def model_json(self) -> dict:
+    """What launch.sample / launch.convert need to rebuild the network from a saved parameter tree."""
+    return {"family": "edm", "net": self.net_config}
 
   # --- data and evaluation (host side) --------------------------------------------------------------
   def real_source(self, seed: int):

@@ -449,7 +449,7 @@ def feed(evaluator: Evaluator, batches: Iterable[Any], total: Optional[int] = No
       batch = batch[:max_images - done]
     evaluator.add_uint8(batch)
     done += int(np.shape(batch)[0])
-    if jax.process_index() == 0 and total:
+    if jax.process_index() == 0 and total and done < total:
       progress.update(done)
     if max_images is not None and done >= max_images:
       break

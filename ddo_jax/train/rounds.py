@@ -105,6 +105,11 @@ class Driver:
     return self.family.evaluate(params, lambda num, start=0: self.sample(params, num, seed, start),
                                 seed=self.config.seed)
 
+  def write_model_json(self, r: int) -> None:
+    """round_r/model.json next to chosen/, so launch.sample and launch.convert can rebuild the net."""
+    if hasattr(self.family, "model_json") and jax.process_index() == 0:
+      utils.atomic_write_json(_round_dir(self.workdir, r) / "model.json", self.family.model_json())
+
   def selected(self, state):
     name = self.config.selection.params
     return state["params"] if name == "params" else state["ema"][name]
@@ -125,6 +130,7 @@ class Driver:
       tree = src / "params" if (src / "params").exists() else src
       params = checkpoint.load_tree(tree, {"params": self.abstract_params()})["params"]
     checkpoint.save_tree(path, {"params": params})
+    self.write_model_json(0)
     metrics = self.evaluate(self.load_chosen(0))
     self.writer.write(round=0, step=0, **metrics)
     if jax.process_index() == 0:
@@ -235,6 +241,7 @@ class Driver:
     if jax.process_index() == 0:
       utils.atomic_write_json(rdir / "summary.json", summary)
       plots.round_curve(rdir / "metrics.png", history, metric, r)
+    self.write_model_json(r)
     checkpoint.save_tree(rdir / "chosen", {"params": self.selected(state)})
     log.info("round %d: chose step %d (%s=%.5g)", r, chosen["step"], metric, chosen[metric])
     return summary

@@ -1,0 +1,145 @@
+"""Sample images from a converted or DDO-trained EDM model with EDM's Heun sampler.
+
+  python -m launch.sample --model ckpt/edm-cifar10-cond --seeds 0-49999 --outdir samples/cond --npz
+  python -m launch.sample --model runs/edm_cond/round_016 --seeds 0-63 --outdir grid --labels balanced
+
+--model is a folder written by `launch.convert edm` (params/ + model.json) or a round folder of a DDO run
+(chosen/ + model.json). Seed s draws its latents (and its random label) from jax.random.key(s), so an
+image depends only on its seed, not on the batch size or the number of devices (up to the float32
+rounding of the network, which XLA may order differently for another batch shape: a rare uint8 pixel
+can differ by one). PNGs go to
+OUTDIR/<first seed of its thousand>/<seed>.png (EDM's layout); seeds whose PNG exists are skipped, so
+an interrupted run resumes. --npz also writes OUTDIR/samples.npz (uint8 NHWC `arr_0`, int `labels`).
+"""
+import json
+import pathlib
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "converted model folder or a DDO round folder")
+_SEEDS = flags.DEFINE_string("seeds", "0-63", "seed range 'a-b' (inclusive) or comma list")
+_OUTDIR = flags.DEFINE_string("outdir", None, "output folder")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "images per sampler call (global, over all devices)")
+_STEPS = flags.DEFINE_integer("steps", 18, "Heun steps (18 = EDM's 35 NFE for CIFAR-10)")
+_LABELS = flags.DEFINE_enum("labels", "random", ["random", "balanced"],
+                            "random labels (EDM's generate.py) or strict balance: seed mod label_dim")
+_FLOAT64 = flags.DEFINE_bool("float64", False, "float64 sampler arithmetic (EDM's protocol); net stays float32")
+_CHURN = flags.DEFINE_float("S_churn", 0.0, "stochasticity of the Heun sampler")
+_NPZ = flags.DEFINE_bool("npz", False, "also write OUTDIR/samples.npz with all requested seeds")
+flags.mark_flags_as_required(["model", "outdir"])
+
+
+def parse_seeds(text: str) -> list:
+  seeds = []
+  for part in text.split(","):
+    part = part.strip()
+    if "-" in part:
+      a, b = part.split("-")
+      seeds.extend(range(int(a), int(b) + 1))
+    elif part:
+      seeds.append(int(part))
+  if not seeds:
+    raise ValueError(f"--seeds={text!r} names no seed")
+  return seeds
+
+
+def load_model(path):
+  """(net_config, params) from a converted folder or a round folder; clear error otherwise."""
+  from ddo_jax.train import checkpoint
+  from ddo_jax.convert import edm_names
+  path = pathlib.Path(path)
+  meta_path = path / "model.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"{meta_path} not found: --model must be a folder written by "
+                            "`python -m launch.convert edm` or a round folder of a DDO run")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("family", "edm") != "edm":
+    raise ValueError(f"{path} holds a {meta['family']!r} model; launch.sample handles EDM models")
+  tree = path / "params" if (path / "params").exists() else path / "chosen"
+  import jax
+  import numpy as np
+  shapes = edm_names.abstract_params(meta["net"])   # nested dicts of shape tuples
+  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
+                                    is_leaf=lambda s: isinstance(s, tuple))
+  params = checkpoint.load_tree(tree, {"params": abstract})["params"]
+  return meta["net"], params
+
+
+def png_path(outdir: pathlib.Path, seed: int) -> pathlib.Path:
+  return outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from ddo_jax.parallel import maybe_initialize_distributed
+  maybe_initialize_distributed()
+  import jax
+  import ml_collections
+  import numpy as np
+  from PIL import Image
+
+  from ddo_jax import parallel, utils
+  from ddo_jax.families.edm import EDM, to_uint8
+
+  utils.setup_logging()
+  seeds = parse_seeds(_SEEDS.value)
+  outdir = pathlib.Path(_OUTDIR.value)
+  net, params = load_model(_MODEL.value)
+  family = EDM(ml_collections.ConfigDict(dict(
+      net=net, P_mean=-1.2, P_std=1.2, labels=_LABELS.value, metric="denoise_loss",
+      sampler=dict(num_steps=_STEPS.value, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=_CHURN.value))))
+  mesh = parallel.make_mesh()
+  bs = _BATCH.value
+  parallel.check_batch_divisible(bs, mesh, "--batch_size")
+  sharding = parallel.batch_sharding(mesh)
+  params = jax.device_put(params, parallel.replicated(mesh))
+
+  def sample(p, keys, ids):
+    if _FLOAT64.value:
+      return family.sample_float64(p, keys, ids)
+    return family.sample(p, keys, ids)
+
+  sample_fn = jax.jit(sample, in_shardings=(parallel.replicated(mesh), sharding, sharding),
+                      out_shardings=sharding)
+  todo = [s for s in seeds if not png_path(outdir, s).exists()]
+  utils.log.info("%d seeds requested, %d already written, %d to generate", len(seeds), len(seeds) - len(todo),
+                 len(todo))
+  progress = utils.Progress("sample", len(todo), unit="images")
+  for start in range(0, len(todo), bs):
+    chunk = todo[start:start + bs]
+    ids = np.asarray(chunk + [chunk[-1]] * (bs - len(chunk)), np.int32)   # pad the last batch
+    with jax.enable_x64(_FLOAT64.value):
+      keys = jax.device_put(jax.vmap(jax.random.key)(ids), sharding)
+      out = parallel.to_host(sample_fn(params, keys, jax.device_put(ids, sharding)))
+    images = to_uint8(out["x"])[:len(chunk)]
+    if jax.process_index() == 0:
+      for seed, img in zip(chunk, images):
+        path = png_path(outdir, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(img.squeeze() if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+        tmp.replace(path)
+    progress.update(start + len(chunk))
+  if _NPZ.value and jax.process_index() == 0:
+    arr = np.stack([np.asarray(Image.open(png_path(outdir, s))) for s in seeds])
+    if arr.ndim == 3:
+      arr = arr[..., None]
+    labels = np.asarray([family_label(family, s) for s in seeds], np.int64)
+    utils.atomic_savez(outdir / "samples.npz", arr_0=arr, labels=labels, seeds=np.asarray(seeds))
+    utils.log.info("wrote %s (%s)", outdir / "samples.npz", arr.shape)
+
+
+def family_label(family, seed: int) -> int:
+  """The class a seed was sampled with (-1 for unconditional models)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  if not family.label_dim:
+    return -1
+  lab = family.labels_for(jax.random.key(seed)[None], jnp.asarray([seed], jnp.int32))
+  return int(np.argmax(np.asarray(lab)[0]))
+
+
+if __name__ == "__main__":
+  app.run(main)
