@@ -30,10 +30,10 @@ reference holds `features` or `arr_0`. The batch is split over every device (`pa
 a progress line with rate and ETA is logged; the metrics are printed and written as JSON atomically
 (`--out`, process 0).
 
-NOT YET WIRED: the "checkpoint + sampler settings" mode (sample a checkpoint with EDM's sampler and
-evaluate the samples without writing them). `evaluate_sampler` below is the hook: it takes any
-callable `sampler(num_images)` that yields uint8 NHWC batches; `build_sampler` is the stub that
-will turn a checkpoint and sampler settings into such a callable.
+Checkpoint mode (instead of `--images`): sample an EDM checkpoint with EDM's Heun sampler and
+evaluate the samples without writing them: `--model DIR --num N [--steps 18] [--labels balanced]`.
+`build_sampler` turns the checkpoint into a callable `sampler(num_images)` yielding uint8 NHWC batches
+and `evaluate_sampler` feeds it to the evaluator.
 """
 import collections
 import concurrent.futures
@@ -73,6 +73,12 @@ _MAKE_REF = flags.DEFINE_bool("make_ref", False, "write reference statistics of 
 _REF_FEATURES = flags.DEFINE_integer("ref_features", 0, "--make_ref: also store the pool3 features "
                                      "of the first N images (for precision/recall)")
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "image decoding threads")
+_MODEL = flags.DEFINE_string("model", None, "checkpoint mode, instead of --images: a converted EDM folder "
+                             "or a DDO round folder; --num samples (seeds 0..num-1) go straight into the "
+                             "feature accumulator, no image is written")
+_STEPS = flags.DEFINE_integer("steps", 18, "checkpoint mode: Heun steps (18 = 35 NFE)")
+_LABELS = flags.DEFINE_enum("labels", "balanced", ["random", "balanced"],
+                            "checkpoint mode: strict class balance (seed mod classes) or random labels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,15 +359,29 @@ def evaluate_sampler(sampler: Callable[[int], Iterable[np.ndarray]], num_images:
   return evaluator.result()
 
 
-def build_sampler(checkpoint: str, **settings) -> Callable[[int], Iterable[np.ndarray]]:
-  """NOT YET WIRED: checkpoint + sampler settings (e.g. EDM Heun, num_steps=18) -> sampler.
+def build_sampler(checkpoint: str, batch_size: int, mesh, *, num_steps: int = 18,
+                  labels: str = "balanced") -> Callable[[int], Iterable[np.ndarray]]:
+  """An EDM model folder + Heun settings -> `sampler(num)` yielding uint8 batches for seeds 0..num-1.
 
-  To be implemented with `ddo_jax.sampling.heun` and the checkpoint loaders; the result plugs into
-  `evaluate_sampler`.
+  Seed s uses jax.random.key(s) (as launch.sample), labels are seed mod classes ('balanced') or random.
   """
-  raise NotImplementedError(
-      f"sampling a checkpoint ({checkpoint!r}, {settings}) inside launch.evaluate is not wired yet; "
-      "write the samples to a folder or .npz and pass them with --images")
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from ddo_jax.families.edm import load_model_dir, to_uint8  # pylint: disable=import-outside-toplevel
+  family, params = load_model_dir(checkpoint, labels=labels, num_steps=num_steps)
+  sharding = parallel.batch_sharding(mesh)
+  fn = jax.jit(family.sample, in_shardings=(parallel.replicated(mesh), sharding, sharding),
+               out_shardings=sharding)
+  params = jax.device_put(params, parallel.replicated(mesh))
+
+  def sampler(num: int):
+    for start in range(0, num, batch_size):
+      ids = np.arange(start, start + batch_size, dtype=np.int32)
+      keys = jax.device_put(jax.vmap(jax.random.key)(ids), sharding)
+      out = parallel.to_host(fn(params, keys, jax.device_put(ids, sharding)))
+      yield to_uint8(out["x"])[:min(batch_size, num - start)]
+
+  return sampler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,8 +447,6 @@ def evaluate(variables, mesh, batch_size: int) -> dict:
         ref = ref._replace(features=features)
       if ref.stats is None:
         ref = ref._replace(stats=stats)
-  source = open_images(_IMAGES.value, _IMAGES_KEY.value, _WORKERS.value)
-  n = _count(source, _NUM.value, "--images")
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   pr_kwargs = {"distance_dtype": jnp.float16 if _PR_DISTANCE.value == "float16" else jnp.float32}
   ev = _make_evaluator(
@@ -436,6 +454,13 @@ def evaluate(variables, mesh, batch_size: int) -> dict:
       ref_stats=ref.stats if ref is not None and "fid" in names else None,
       ref_features=ref.features if ref is not None and "pr" in names else None,
       compute_is="is" in names, num_is_splits=_IS_SPLITS.value, pr_kwargs=pr_kwargs)
+  if _MODEL.value:
+    if not _NUM.value:
+      raise ValueError("--model needs --num (how many samples to generate)")
+    sampler = build_sampler(_MODEL.value, batch_size, mesh, num_steps=_STEPS.value, labels=_LABELS.value)
+    return evaluate_sampler(sampler, _NUM.value, ev)
+  source = open_images(_IMAGES.value, _IMAGES_KEY.value, _WORKERS.value)
+  n = _count(source, _NUM.value, "--images")
   evaluator_lib.feed(ev, source.batches(batch_size), total=n, max_images=n, what="inception")
   return ev.result()
 
@@ -450,8 +475,10 @@ def _write_json(path: str, record: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _IMAGES.value:
-    raise app.UsageError("--images is required (the checkpoint + sampler mode is not wired yet)")
+  if bool(_IMAGES.value) == bool(_MODEL.value):
+    raise app.UsageError("give exactly one of --images (a folder or .npz) and --model (a checkpoint)")
+  if _MODEL.value and _MAKE_REF.value:
+    raise app.UsageError("--make_ref takes --images, not --model")
   from ddo_jax import parallel, utils  # pylint: disable=import-outside-toplevel
   parallel.maybe_initialize_distributed()
   import jax  # pylint: disable=import-outside-toplevel

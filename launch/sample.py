@@ -11,7 +11,6 @@ can differ by one). PNGs go to
 OUTDIR/<first seed of its thousand>/<seed>.png (EDM's layout); seeds whose PNG exists are skipped, so
 an interrupted run resumes. --npz also writes OUTDIR/samples.npz (uint8 NHWC `arr_0`, int `labels`).
 """
-import json
 import pathlib
 
 from absl import app, flags
@@ -43,28 +42,6 @@ def parse_seeds(text: str) -> list:
   return seeds
 
 
-def load_model(path):
-  """(net_config, params) from a converted folder or a round folder; clear error otherwise."""
-  from ddo_jax.train import checkpoint
-  from ddo_jax.convert import edm_names
-  path = pathlib.Path(path)
-  meta_path = path / "model.json"
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{meta_path} not found: --model must be a folder written by "
-                            "`python -m launch.convert edm` or a round folder of a DDO run")
-  meta = json.loads(meta_path.read_text())
-  if meta.get("family", "edm") != "edm":
-    raise ValueError(f"{path} holds a {meta['family']!r} model; launch.sample handles EDM models")
-  tree = path / "params" if (path / "params").exists() else path / "chosen"
-  import jax
-  import numpy as np
-  shapes = edm_names.abstract_params(meta["net"])   # nested dicts of shape tuples
-  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
-                                    is_leaf=lambda s: isinstance(s, tuple))
-  params = checkpoint.load_tree(tree, {"params": abstract})["params"]
-  return meta["net"], params
-
-
 def png_path(outdir: pathlib.Path, seed: int) -> pathlib.Path:
   return outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
 
@@ -75,20 +52,17 @@ def main(argv):
   from ddo_jax.parallel import maybe_initialize_distributed
   maybe_initialize_distributed()
   import jax
-  import ml_collections
   import numpy as np
   from PIL import Image
 
   from ddo_jax import parallel, utils
-  from ddo_jax.families.edm import EDM, to_uint8
+  from ddo_jax.families.edm import load_model_dir, to_uint8
 
   utils.setup_logging()
   seeds = parse_seeds(_SEEDS.value)
   outdir = pathlib.Path(_OUTDIR.value)
-  net, params = load_model(_MODEL.value)
-  family = EDM(ml_collections.ConfigDict(dict(
-      net=net, P_mean=-1.2, P_std=1.2, labels=_LABELS.value, metric="denoise_loss",
-      sampler=dict(num_steps=_STEPS.value, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=_CHURN.value))))
+  family, params = load_model_dir(_MODEL.value, labels=_LABELS.value, num_steps=_STEPS.value,
+                                  S_churn=_CHURN.value)
   mesh = parallel.make_mesh()
   bs = _BATCH.value
   parallel.check_batch_divisible(bs, mesh, "--batch_size")

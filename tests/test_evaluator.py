@@ -286,3 +286,35 @@ def test_cli_make_ref_on_npz_then_evaluate_folder(tmp_path, images, direct, pth_
   assert record["precision"] == 1.0 and record["recall"] == 1.0
   np.testing.assert_allclose([record["is_mean"], record["is_std"]],
                              fid_lib.inception_score(direct["logits_unbiased"][:6], 2), rtol=1e-5)
+
+
+def test_edm_family_fid_selection_metric(tmp_path, pth_path, images, direct):
+  """The round driver's FID path: EDM.evaluate samples through the driver's callable into an Evaluator
+  built from model.eval (Inception file + reference statistics) and returns the FID the metrics give."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from ddo_jax.families.edm import EDM  # pylint: disable=import-outside-toplevel
+  from ddo_jax.metrics import fid as fid_lib, reference_stats  # pylint: disable=import-outside-toplevel
+  from configs import edm_cifar10  # pylint: disable=import-outside-toplevel
+  ref_images = np.random.default_rng(1).integers(0, 256, size=(10, HW, HW, 3), dtype=np.uint8)
+  ref_feats = jax.device_get(jax.jit(inception.apply_uint8)(evaluator_lib.load_inception(str(pth_path)),
+                                                            ref_images))["pool3"]
+  ref_feats = np.asarray(ref_feats, np.float64)
+  reference_stats.save_stats_npz(tmp_path / "ref.npz", ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
+  cfg = edm_cifar10.get_config("tiny").model
+  cfg.metric = "fid"
+  cfg.eval = dict(inception=str(pth_path), ref_stats=str(tmp_path / "ref.npz"), num_samples=10, batch_size=8)
+  family = EDM(cfg)
+  calls = []
+
+  def sample(num, start=0):   # stands in for the driver's sharded Heun sampling
+    calls.append((num, start))
+    return {"x": images[start:start + num].astype(np.float32) / 127.5 - 1.0}   # to_uint8 inverts this
+
+  out = family.evaluate(None, sample, seed=0)
+  assert calls == [(8, 0), (2, 8)] and out["num_images"] == 10
+  want = fid_lib.frechet_distance(direct["pool3"].mean(0), np.cov(direct["pool3"], rowvar=False),
+                                  ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
+  np.testing.assert_allclose(out["fid"], want, rtol=1e-6)
+  with pytest.raises(ValueError, match="needs model.eval.ref_stats"):
+    cfg.eval.ref_stats = ""
+    EDM(cfg)

@@ -9,6 +9,7 @@ Negatives and evaluation samples come from EDM's Heun sampler (default 18 steps 
 random labels (EDM's generate.py) or strict class balance (label = seed mod label_dim).
 """
 import json
+import os
 import pathlib
 from typing import Callable
 
@@ -65,6 +66,15 @@ class EDM:
     self.metric_mode = "min"
     if config.labels not in ("random", "balanced"):
       raise ValueError(f"model.labels={config.labels!r} must be 'random' or 'balanced'")
+    if config.metric == "fid":
+      e = config.eval
+      if not e.ref_stats:
+        raise ValueError("model.metric='fid' needs model.eval.ref_stats: reference statistics such as EDM's "
+                         "cifar10-32x32.npz (EDM fid-refs), or make them with `python -m launch.evaluate "
+                         "--make_ref --images <dataset> --out ref.npz`")
+      if not (e.inception or os.environ.get("DDO_JAX_INCEPTION")):
+        raise ValueError("model.metric='fid' needs model.eval.inception (or $DDO_JAX_INCEPTION): pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's GitHub releases")
 
   # --- pure functions -------------------------------------------------------------------------------
   def init_params(self, rng):
@@ -165,9 +175,13 @@ class EDM:
 
   def _fid(self, params, sample: Callable) -> dict:
     from ddo_jax.metrics import evaluator as evaluator_lib
+    from ddo_jax.metrics import reference_stats
     ev = getattr(self, "_evaluator", None)
     if ev is None:
-      ev = self._evaluator = evaluator_lib.from_config(self.config.eval)
+      e = self.config.eval
+      ev = self._evaluator = evaluator_lib.Evaluator(
+          evaluator_lib.load_inception(e.inception or None), batch_size=e.batch_size,
+          ref_stats=reference_stats.load_reference_stats(e.ref_stats), compute_is=e.num_samples >= 10)
     ev.reset()
     n, bs = self.config.eval.num_samples, self.config.eval.batch_size
     for start in range(0, n, bs):
@@ -189,3 +203,29 @@ class EDM:
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def load_model_dir(path, *, labels: str = "random", num_steps: int = 18, S_churn: float = 0.0):
+  """(family, params) from a folder written by `launch.convert edm` (params/ + model.json) or a DDO
+  round folder (chosen/ + model.json), with EDM's Heun sampler settings for sampling from it."""
+  import ml_collections
+  from ddo_jax.convert import edm_names
+  from ddo_jax.train import checkpoint
+  path = pathlib.Path(path)
+  meta_path = path / "model.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"{meta_path} not found: expected a folder written by "
+                            "`python -m launch.convert edm` or a round folder of a DDO run")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("family", "edm") != "edm":
+    raise ValueError(f"{path} holds a {meta['family']!r} model, not an EDM one")
+  family = EDM(ml_collections.ConfigDict(dict(
+      net=meta["net"], P_mean=-1.2, P_std=1.2, labels=labels, metric="denoise_loss",
+      sampler=dict(num_steps=num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=S_churn))))
+  shapes = edm_names.abstract_params(meta["net"])   # nested dicts of shape tuples
+  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
+                                    is_leaf=lambda s: isinstance(s, tuple))
+  tree = path / "params" if (path / "params").exists() else path / "chosen"
+  params = checkpoint.load_tree(tree, {"params": abstract})["params"]
+  return family, params
+
