@@ -26,6 +26,6 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "scipy>=1.13"],
+        "test": ["pytest>=8,<10", "scipy>=1.13", "safetensors>=0.4"],
     },
 )

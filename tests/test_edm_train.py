@@ -101,3 +101,18 @@ def test_export_round_to_torch_state_dict(run, tmp_path):
   assert list(sd) == list(golden)
   assert all(sd[k].shape == golden[k].shape for k in golden)
   assert any(not np.array_equal(sd[k], golden[k]) for k in golden if not k.endswith("resample_filter"))
+
+
+def test_evaluate_checkpoint_mode_sampler(run):
+  """launch.evaluate --model: the checkpoint sampler yields uint8 batches for seeds 0..num-1,
+  class-balanced, deterministic, straight into the evaluator (no files)."""
+  from ddo_jax import parallel
+  from launch import evaluate as cli
+  tmp, _ = run
+  mesh = parallel.make_mesh()
+  sampler = cli.build_sampler(str(tmp / "work" / "round_002"), 8, mesh, num_steps=4, labels="balanced")
+  first = list(sampler(10))
+  assert [b.shape for b in first] == [(8, 16, 16, 3), (2, 16, 16, 3)] and first[0].dtype == np.uint8
+  again = list(sampler(10))
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)

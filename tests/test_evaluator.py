@@ -154,8 +154,8 @@ def test_sampler_hook_and_precision_recall(variables, images, direct):
   assert result == {"num_images": 8, "precision": 1.0, "recall": 1.0}
   with pytest.raises(ValueError, match="fewer than"):
     cli.evaluate_sampler(lambda num: iter([]), 8, evaluator_lib.Evaluator(variables, _mesh(), 8))
-  with pytest.raises(NotImplementedError, match="not wired"):
-    cli.build_sampler("ckpt", num_steps=18)
+  with pytest.raises(FileNotFoundError, match="model.json not found"):
+    cli.build_sampler("no-such-ckpt", 8, _mesh(), num_steps=18)
 
 
 def test_rejects_bad_inputs(variables):
