@@ -9,8 +9,12 @@ and the device's peak, where the backend reports it; host RSS), and the Heun sam
 Weights are random (speed does not depend on their values); nothing is read from disk.
 """
 import functools
+import pathlib
 import resource
+import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from absl import app, flags
 

@@ -132,6 +132,13 @@ def tree_size(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def barrier(name: str) -> None:
+  """Wait until every process gets here (no-op on one process); used after process 0 writes files."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def maybe_initialize_distributed() -> None:
   """Call jax.distributed.initialize() when launched as one of several processes.
 

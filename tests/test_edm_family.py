@@ -134,3 +134,18 @@ def test_labels_random_or_balanced(setup):
   assert lab.shape == (20, 10) and len(set(np.argmax(lab, 1).tolist())) > 3
   # Per-seed determinism: a key gives the same label alone or in a batch.
   np.testing.assert_array_equal(family.labels_for(keys[3:4], seeds[3:4]), lab[3:4])
+
+
+def test_unconditional_net_ignores_dataset_labels():
+  """tfds CIFAR-10 always carries labels; an unconditional EDM must ignore them (fakes have none)."""
+  meta = load_json("edm", "ddpmpp_uncond", "config.json")
+  net = edm_names.config_from_init_kwargs(meta["init_kwargs"], meta["class_name"])
+  state = {k: v for k, v in load_npz("edm", "ddpmpp_cond", "state.npz").items()
+           if k not in meta["weights"].get("exclude_keys", [])}
+  params = edm_names.torch_to_flax(state, net)
+  family = EDM(ml_collections.ConfigDict(dict(net=net, P_mean=-1.2, P_std=1.2, labels="random",
+                                              metric="denoise_loss", sampler=dict(num_steps=4))))
+  x = jnp.zeros((2, 16, 16, 3))
+  batch = {"real": {"x": x, "label": jnp.eye(10)[:2]}, "fake": {"x": x + 0.1}}
+  gr, gf = family.log_ratio(params, params, batch, jax.random.key(0))
+  assert float(jnp.abs(gr).max()) == 0.0 and gf.shape == (2,)

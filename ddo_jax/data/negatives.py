@@ -55,6 +55,7 @@ def generate(sample_fn: Callable, params, *, num: int, chunk_size: int, director
   manifest = {"num": num, "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed}
   if jax.process_index() == 0:
     utils.atomic_write_json(directory / MANIFEST, manifest)
+  parallel.barrier("negatives-complete")   # other processes read the store next
   return manifest
 
 

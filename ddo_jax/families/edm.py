@@ -87,15 +87,21 @@ class EDM:
 
   def pretrain_loss(self, params, batch, rng):
     c = self.config
+    labels = batch.get("label") if self.label_dim else None
     return diffusion.edm_denoising_loss(self.denoise, params, batch["x"], rng, P_mean=c.P_mean, P_std=c.P_std,
-                                        sigma_data=self.sigma_data, labels=batch.get("label"))
+                                        sigma_data=self.sigma_data, labels=labels)
 
   def log_ratio(self, params, ref_params, batch, rng):
     c = self.config
     real, fake = batch["real"], batch["fake"]
+    # An unconditional net ignores labels even if the dataset has them (tfds CIFAR-10 always does).
+    lr, lf = (real.get("label"), fake.get("label")) if self.label_dim else (None, None)
+    if self.label_dim and (lr is None or lf is None):
+      raise ValueError("a class-conditional EDM needs labels on real and fake batches; the dataset has none "
+                       "(an EDM zip without dataset.json labels?)")
     return diffusion.edm_log_ratio(self.denoise, params, ref_params, real["x"], fake["x"], rng,
                                    P_mean=c.P_mean, P_std=c.P_std, sigma_data=self.sigma_data,
-                                   labels_real=real.get("label"), labels_fake=fake.get("label"))
+                                   labels_real=lr, labels_fake=lf)
 
   def labels_for(self, keys, seeds):
     if not self.label_dim:
@@ -171,7 +177,8 @@ class EDM:
         noise = sigma.reshape(-1, 1, 1, 1) * eps
         return -jnp.mean(diffusion.weighted_logp(self.denoise, p, x, noise, sigma, labels, self.sigma_data))
       fn = self._val_fn = jax.jit(loss)
-    return float(fn(params, jnp.asarray(batch["x"]), None if "label" not in batch else jnp.asarray(batch["label"])))
+    labels = jnp.asarray(batch["label"]) if self.label_dim and "label" in batch else None
+    return float(fn(params, jnp.asarray(batch["x"]), labels))
 
   def _fid(self, params, sample: Callable) -> dict:
     from ddo_jax.metrics import evaluator as evaluator_lib

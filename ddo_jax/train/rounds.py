@@ -136,6 +136,7 @@ class Driver:
     if jax.process_index() == 0:
       utils.atomic_write_json(_round_dir(self.workdir, 0) / "summary.json",
                               {"round": 0, "chosen_step": 0, "metrics": metrics, "reference_metrics": metrics})
+    parallel.barrier("round-0-summary")
 
   def pretrain(self):
     """Maximum-likelihood pretraining (toy families); deterministic, restarted if interrupted."""
@@ -242,6 +243,7 @@ class Driver:
       utils.atomic_write_json(rdir / "summary.json", summary)
       plots.round_curve(rdir / "metrics.png", history, metric, r)
     self.write_model_json(r)
+    parallel.barrier(f"round-{r}-summary")
     checkpoint.save_tree(rdir / "chosen", {"params": self.selected(state)})
     log.info("round %d: chose step %d (%s=%.5g)", r, chosen["step"], metric, chosen[metric])
     return summary
