@@ -88,3 +88,14 @@ class MetricWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, default=float, sort_keys=True) + "\n")
+
+
+def flatten_dict(d, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1} (nested dicts only)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

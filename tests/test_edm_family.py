@@ -1,4 +1,5 @@
 """DDO for EDM against the PyTorch goldens: the loss (goldens/ddo/edm_loss) and Heun (goldens/edm/heun_sampler)."""
+import json
 import math
 
 import jax
@@ -149,3 +150,19 @@ def test_unconditional_net_ignores_dataset_labels():
   batch = {"real": {"x": x, "label": jnp.eye(10)[:2]}, "fake": {"x": x + 0.1}}
   gr, gf = family.log_ratio(params, params, batch, jax.random.key(0))
   assert float(jnp.abs(gr).max()) == 0.0 and gf.shape == (2,)
+
+
+def test_converted_checkpoint_must_match_the_config(setup, tmp_path):
+  family, net, _, _ = setup
+  other = json.loads(json.dumps(net, default=list))
+  other["model_kwargs"]["model_channels"] = 64
+  other["model_kwargs"]["dropout"] = 0.13            # dropout may differ (DDO turns it off)
+  (tmp_path / "model.json").write_text(json.dumps({"family": "edm", "net": other}))
+  with pytest.raises(ValueError, match=r"model_kwargs.model_channels: config 32 vs checkpoint 64"):
+    family.check_converted(tmp_path / "model.json")
+  other["model_kwargs"]["model_channels"] = 32
+  (tmp_path / "model.json").write_text(json.dumps({"family": "edm", "net": other}))
+  family.check_converted(tmp_path / "model.json")
+  (tmp_path / "model.json").write_text(json.dumps({"family": "var", "net": other}))
+  with pytest.raises(ValueError, match="not an EDM one"):
+    family.check_converted(tmp_path / "model.json")

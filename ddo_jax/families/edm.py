@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddo_jax.families import diffusion
+from ddo_jax.utils import flatten_dict
 from ddo_jax.nets.edm_precond import build_precond, plain_dict
 from ddo_jax.sampling.heun import heun_sample
 
@@ -34,21 +35,11 @@ def _compare_nets(ours: dict, theirs: dict, source: str) -> None:
     d.get("model_kwargs", {}).pop("dropout", None)
     d.pop("use_fp16", None)
   if a != b:
-    keys = sorted(set(_flat(a)) | set(_flat(b)))
-    diff = [f"{k}: config {_flat(a).get(k)!r} vs checkpoint {_flat(b).get(k)!r}" for k in keys
-            if _flat(a).get(k) != _flat(b).get(k)]
+    keys = sorted(set(flatten_dict(a)) | set(flatten_dict(b)))
+    diff = [f"{k}: config {flatten_dict(a).get(k)!r} vs checkpoint {flatten_dict(b).get(k)!r}" for k in keys
+            if flatten_dict(a).get(k) != flatten_dict(b).get(k)]
     raise ValueError(f"the network in {source} differs from config.model.net:\n  " + "\n  ".join(diff)
                      + "\nUse the config variant that matches the checkpoint, or fix config.model.net.")
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 class EDM:

@@ -295,23 +295,13 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir) -> None:
     old = json.loads(path.read_text())
     new = json.loads(text)
     if old != new:
-      diff = sorted(k for k in set(_flatten(old)) | set(_flatten(new))
-                    if _flatten(old).get(k) != _flatten(new).get(k))
+      diff = sorted(k for k in set(utils.flatten_dict(old)) | set(utils.flatten_dict(new))
+                    if utils.flatten_dict(old).get(k) != utils.flatten_dict(new).get(k))
       raise ValueError(f"{workdir} holds a run with a different config (keys differ: {', '.join(diff)}). "
                        "Resume with the same config, or use a new --workdir.")
     return
   if jax.process_index() == 0:
     utils.atomic_write_text(path, text + "\n")
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> list:
