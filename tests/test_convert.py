@@ -73,7 +73,7 @@ def test_pickle_converts_to_golden_D(converted):
 def test_report(converted, pkl_path):
   params, config, report = converted
   json.dumps(report, allow_nan=False)  # serializable as strict JSON
-  assert report["source_path"] == str(pkl_path.resolve())
+  assert pathlib.Path(report["source_path"]).resolve() == pkl_path.resolve()
   assert report["file_sha256"] == edm.file_sha256(pkl_path) and len(report["file_sha256"]) == 64
   assert report["top_level_keys"] == ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"]
   assert (report["precond_class"], report["model_class"]) == ("EDMPrecond", "SongUNet")
