@@ -6,6 +6,8 @@
       --inception pt_inception-2015-12-05-6726825d.pth --metrics fid,is,pr
   python -m launch.evaluate --make_ref --images cifar10-32x32.zip --ref_features 10000 \\
       --inception pt_inception-2015-12-05-6726825d.pth --out my-ref.npz
+  python -m launch.evaluate --make_ref --images tfds:cifar10:train@/data/tfds \\
+      --inception pt_inception-2015-12-05-6726825d.pth --out cifar10-train-ref.npz
 
 Inputs (`--images`):
 * a folder of images (PNG, JPEG, ...; recursive, sorted by relative path as EDM's dataset loader;
@@ -260,8 +262,27 @@ def npy_source(path: str) -> ImageSource:
   return ImageSource(int(arr.shape[0]), batches, f"npy {path} {arr.shape}")
 
 
+def tfds_source(spec: str) -> ImageSource:
+  """`tfds:cifar10[:split][@data_dir]`: a prepared tfds dataset of this project (ArrayRecord, no TF)."""
+  from ddo_jax.data import cifar10  # pylint: disable=import-outside-toplevel
+  body, _, data_dir = spec[len("tfds:"):].partition("@")
+  name, _, split = body.partition(":")
+  if name != "cifar10":
+    raise ValueError(f"--images {spec!r}: only tfds:cifar10 is supported")
+  source, n = cifar10.load_tfds(split=split or "train", data_dir=data_dir or None)
+
+  def batches(batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, n, batch_size):
+      x = source(np.arange(start, min(start + batch_size, n)))["x"]
+      yield np.rint((x + 1.0) * 127.5).astype(np.uint8)    # exact inverse of uint8 / 127.5 - 1
+
+  return ImageSource(n, batches, f"tfds cifar10 {split or 'train'} ({n} images)")
+
+
 def open_images(path: str, key: Optional[str] = None, num_workers: int = 8) -> ImageSource:
-  """An `ImageSource` for a folder, `.zip`, `.npz` or `.npy`."""
+  """An `ImageSource` for a folder, `.zip`, `.npz`, `.npy` or `tfds:cifar10[:split][@data_dir]`."""
+  if path.startswith("tfds:"):
+    return tfds_source(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"--images {path!r} does not exist")
   if os.path.isdir(path):

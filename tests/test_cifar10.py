@@ -234,3 +234,17 @@ def test_edm_zip_with_unlabelled_images_fails(tmp_path):
 def test_load_rejects_unknown_source():
   with pytest.raises(ValueError, match="'edm_zip', 'tfds'"):
     cifar10.load(ml_collections.ConfigDict({"source": "imagenet"}))
+
+
+def test_evaluate_reads_tfds_cifar10_as_uint8(tmp_path):
+  """launch.evaluate --images tfds:cifar10[:split][@data_dir] (e.g. --make_ref on CIFAR-10 train)."""
+  from launch import evaluate as cli  # pylint: disable=import-outside-toplevel
+  with tfds.testing.mock_data(**MOCK):
+    src = cli.open_images(f"tfds:cifar10:train@{tmp_path}")
+    batches = list(src.batches(10))
+    source, n = cifar10.load_tfds("train", data_dir=str(tmp_path))
+    want = _to_uint8(source(np.arange(n))["x"])
+  assert src.count == n and [len(b) for b in batches] == [10, 10, n - 20]
+  got = np.concatenate(batches)
+  assert got.dtype == np.uint8
+  np.testing.assert_array_equal(got, want)
