@@ -87,17 +87,22 @@ def test_sigkill_at_any_phase_then_resume_is_bitwise_identical(reference_run, tm
   ref_dir, _ = reference_run
   workdir = tmp_path / "killed"
   negatives = workdir / "round_001" / "negatives"
+  # (what, kill when, the phase was still unfinished when the process died)
   kills = [
-      ("pretraining", lambda w: (w / "config.json").exists() and time.sleep(2.0) is None),
-      ("negative generation", lambda w: len(list(negatives.glob("chunk_*.npz"))) >= 3),
-      ("round 1 training", lambda w: (w / "round_001" / "checkpoints" / "8").exists()),
-      ("round 2", lambda w: (w / "round_002" / "checkpoints" / "4").exists()),
+      ("pretraining", lambda w: (w / "config.json").exists() and time.sleep(2.0) is None,
+       lambda w: not (w / "round_000" / "chosen").exists()),
+      ("negative generation", lambda w: len(list(negatives.glob("chunk_*.npz"))) >= 3,
+       lambda w: not (negatives / "manifest.json").exists()),
+      ("round 1 training", lambda w: (w / "round_001" / "checkpoints" / "8").exists(),
+       lambda w: not (w / "round_001" / "chosen").exists()),
+      ("round 2", lambda w: (w / "round_002" / "checkpoints" / "4").exists(),
+       lambda w: not (w / "round_002" / "chosen").exists()),
   ]
   landed = []
-  for what, cond in kills:
-    if _run_and_kill(workdir, cond):
+  for what, cond, unfinished in kills:
+    if _run_and_kill(workdir, cond) and unfinished(workdir):
       landed.append(what)
-  print("kills that landed:", landed)
+  print("kills that landed inside their phase:", landed)
   assert "negative generation" in landed and "round 1 training" in landed, landed
   # The store was left incomplete by the kill inside its generation: the run must finish it.
   out = _run(workdir)
