@@ -83,6 +83,16 @@ class MetricWriter:
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
 
+  def drop(self, predicate) -> None:
+    """Remove the records for which predicate(record) holds (used on resume: a restarted phase logs
+    its steps again, so the file keeps one record per step). Atomic rewrite."""
+    if not self.enabled or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    keep = [l for l in lines if l.strip() and not predicate(json.loads(l))]
+    if len(keep) != len(lines):
+      atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
   def write(self, **record) -> None:
     if not self.enabled:
       return

@@ -112,6 +112,9 @@ def test_sigkill_at_any_phase_then_resume_is_bitwise_identical(reference_run, tm
       np.testing.assert_array_equal(x, y)            # bitwise
   assert json.loads((workdir / "summary.json").read_text())["rounds"] == \
       json.loads((ref_dir / "summary.json").read_text())["rounds"]
+  # metrics.jsonl holds each logged step once, with the same values as the uninterrupted run.
+  lines = lambda w: sorted((w / "metrics.jsonl").read_text().splitlines())
+  assert lines(workdir) == lines(ref_dir)
 
 
 def jax_leaves(tree):

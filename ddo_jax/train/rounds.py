@@ -132,6 +132,7 @@ class Driver:
     checkpoint.save_tree(path, {"params": params})
     self.write_model_json(0)
     metrics = self.evaluate(self.load_chosen(0))
+    self.writer.drop(lambda rec: rec.get("round") == 0)
     self.writer.write(round=0, step=0, **metrics)
     if jax.process_index() == 0:
       utils.atomic_write_json(_round_dir(self.workdir, 0) / "summary.json",
@@ -153,6 +154,7 @@ class Driver:
     step = step_lib.make_mle_step(self.family, tx, {}, batch_size=c.batch_size, mesh=self.mesh,
                                   shardings=shardings)
     data = pipeline.PairedBatches(self.real, self.num_real, c.batch_size, seed=self.config.seed)
+    self.writer.drop(lambda rec: rec.get("phase") == "pretrain")   # an interrupted pretraining restarts
     progress = utils.Progress("pretrain", c.steps, unit="steps")
     for i in range(c.steps):
       state, metrics = step(state, None, parallel.global_batch(data.next()["real"], self.mesh))
@@ -184,6 +186,8 @@ class Driver:
                                         mode=self.family.metric_mode, async_save=cfg.checkpoint.async_save)
     start = ckpts.latest_step()
     abstract_state = checkpoint.abstract_like(self.abstract_state, self.state_shardings)
+    # Records of this round past the restored step are logged again below; drop the stale ones.
+    self.writer.drop(lambda rec: rec.get("round") == r and rec.get("step", 0) > (start or -1))
     if start is None:
       start = 0
       state = self.init_state(ref, jax.random.key(round_seed))
