@@ -181,10 +181,13 @@ class EDM:
           evaluator_lib.load_inception(e.inception or None), batch_size=e.batch_size,
           ref_stats=reference_stats.load_reference_stats(e.ref_stats), compute_is=e.num_samples >= 10)
     ev.reset()
+    from ddo_jax import utils
     n, bs = self.config.eval.num_samples, self.config.eval.batch_size
+    progress = utils.Progress("fid samples", n, unit="images")
     for start in range(0, n, bs):
       x = sample(min(bs, n - start), start)["x"]
       ev.add_uint8(to_uint8(x))
+      progress.update(min(start + bs, n))
     return ev.result()
 
   def reference_metrics(self, seed: int) -> dict:
