@@ -53,6 +53,7 @@ def main(argv):
 
   from configs import edm_cifar10
   from ddo_jax import families, parallel
+  from ddo_jax.sampling import seeded
   from ddo_jax.train import optim, step as step_lib
 
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -103,17 +104,15 @@ def main(argv):
     sb = _SAMPLE_BATCH.value
     parallel.check_batch_divisible(sb, mesh, "--sample_batch")
     config.model.sampler.num_steps = _SAMPLE_STEPS.value
-    sh = parallel.batch_sharding(mesh)
-    fn = jax.jit(family.sample, in_shardings=(param_sh, sh, sh), out_shardings=sh)
-    ids = np.arange(sb, dtype=np.int32)
-    keys = jax.device_put(jax.vmap(jax.random.key)(ids), sh)
-    ids = jax.device_put(ids, sh)
+    fn = seeded.make_seeded_sampler(family.sample, mesh, param_sh)
+    ids = jax.device_put(np.arange(sb, dtype=np.int32), parallel.batch_sharding(mesh))
+    base = jax.random.key(0)
     t0 = time.time()
-    sampler = fn.lower(params, keys, ids).compile()
+    sampler = fn.lower(params, base, ids).compile()
     sample_compile = time.time() - t0
-    jax.block_until_ready(sampler(params, keys, ids))
+    jax.block_until_ready(sampler(params, base, ids))
     t0 = time.time()
-    jax.block_until_ready(sampler(params, keys, ids))
+    jax.block_until_ready(sampler(params, base, ids))
     ds = time.time() - t0
     nfe = 2 * _SAMPLE_STEPS.value - 1
     print(f"Heun sampler, {nfe} NFE, batch {sb}: compile {sample_compile:.1f} s, {ds:.2f} s/batch, "

@@ -384,22 +384,22 @@ def build_sampler(checkpoint: str, batch_size: int, mesh, *, num_steps: int = 18
                   labels: str = "balanced") -> Callable[[int], Iterable[np.ndarray]]:
   """An EDM model folder + Heun settings -> `sampler(num)` yielding uint8 batches for seeds 0..num-1.
 
-  Seed s uses jax.random.key(s) (as launch.sample), labels are seed mod classes ('balanced') or random.
+  Seed s uses the same key as in launch.sample; labels are seed mod classes ('balanced') or random.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
   from ddo_jax.families.edm import load_model_dir, to_uint8  # pylint: disable=import-outside-toplevel
   family, params = load_model_dir(checkpoint, labels=labels, num_steps=num_steps)
+  from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
   sharding = parallel.batch_sharding(mesh)
-  fn = jax.jit(family.sample, in_shardings=(parallel.replicated(mesh), sharding, sharding),
-               out_shardings=sharding)
+  fn = seeded.make_seeded_sampler(family.sample, mesh, parallel.replicated(mesh))
   params = jax.device_put(params, parallel.replicated(mesh))
+  base = jax.random.key(seeded.CLI_BASE_SEED)
 
   def sampler(num: int):
     for start in range(0, num, batch_size):
-      ids = np.arange(start, start + batch_size, dtype=np.int32)
-      keys = jax.device_put(jax.vmap(jax.random.key)(ids), sharding)
-      out = parallel.to_host(fn(params, keys, jax.device_put(ids, sharding)))
+      ids = jax.device_put(np.arange(start, start + batch_size, dtype=np.int32), sharding)
+      out = parallel.to_host(fn(params, base, ids))
       yield to_uint8(out["x"])[:min(batch_size, num - start)]
 
   return sampler

@@ -4,7 +4,8 @@
   python -m launch.sample --model runs/edm_cond/round_016 --seeds 0-63 --outdir grid --labels balanced
 
 --model is a folder written by `launch.convert edm` (params/ + model.json) or a round folder of a DDO run
-(chosen/ + model.json). Seed s draws its latents (and its random label) from jax.random.key(s), so an
+(chosen/ + model.json). Seed s draws its latents (and its random label) from
+fold_in(jax.random.key(0), s) (`ddo_jax.sampling.seeded`), so an
 image depends only on its seed, not on the batch size or the number of devices (up to the float32
 rounding of the network, which XLA may order differently for another batch shape: a rare uint8 pixel
 can differ by one). PNGs go to
@@ -57,6 +58,7 @@ def main(argv):
 
   from ddo_jax import parallel, utils
   from ddo_jax.families.edm import load_model_dir, to_uint8
+  from ddo_jax.sampling import seeded
 
   utils.setup_logging()
   seeds = parse_seeds(_SEEDS.value)
@@ -69,13 +71,9 @@ def main(argv):
   sharding = parallel.batch_sharding(mesh)
   params = jax.device_put(params, parallel.replicated(mesh))
 
-  def sample(p, keys, ids):
-    if _FLOAT64.value:
-      return family.sample_float64(p, keys, ids)
-    return family.sample(p, keys, ids)
-
-  sample_fn = jax.jit(sample, in_shardings=(parallel.replicated(mesh), sharding, sharding),
-                      out_shardings=sharding)
+  sample_fn = seeded.make_seeded_sampler(family.sample_float64 if _FLOAT64.value else family.sample, mesh,
+                                         parallel.replicated(mesh))
+  base = jax.random.key(seeded.CLI_BASE_SEED)
   todo = [s for s in seeds if not png_path(outdir, s).exists()]
   utils.log.info("%d seeds requested, %d already written, %d to generate", len(seeds), len(seeds) - len(todo),
                  len(todo))
@@ -84,8 +82,7 @@ def main(argv):
     chunk = todo[start:start + bs]
     ids = np.asarray(chunk + [chunk[-1]] * (bs - len(chunk)), np.int32)   # pad the last batch
     with jax.enable_x64(_FLOAT64.value):
-      keys = jax.device_put(jax.vmap(jax.random.key)(ids), sharding)
-      out = parallel.to_host(sample_fn(params, keys, jax.device_put(ids, sharding)))
+      out = parallel.to_host(sample_fn(params, base, jax.device_put(ids, sharding)))
     images = to_uint8(out["x"])[:len(chunk)]
     if jax.process_index() == 0:
       for seed, img in zip(chunk, images):
@@ -99,20 +96,20 @@ def main(argv):
     arr = np.stack([np.asarray(Image.open(png_path(outdir, s))) for s in seeds])
     if arr.ndim == 3:
       arr = arr[..., None]
-    labels = np.asarray([family_label(family, s) for s in seeds], np.int64)
+    labels = seed_labels(family, np.asarray(seeds, np.int32))
     utils.atomic_savez(outdir / "samples.npz", arr_0=arr, labels=labels, seeds=np.asarray(seeds))
     utils.log.info("wrote %s (%s)", outdir / "samples.npz", arr.shape)
 
 
-def family_label(family, seed: int) -> int:
-  """The class a seed was sampled with (-1 for unconditional models)."""
+def seed_labels(family, seeds):
+  """The class each seed was sampled with (-1 for unconditional models), in one jitted call."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
+  from ddo_jax.sampling import seeded
   if not family.label_dim:
-    return -1
-  lab = family.labels_for(jax.random.key(seed)[None], jnp.asarray([seed], jnp.int32))
-  return int(np.argmax(np.asarray(lab)[0]))
+    return np.full(len(seeds), -1, np.int64)
+  fn = jax.jit(lambda base, s: jax.numpy.argmax(family.labels_for(seeded.seed_keys(base, s), s), axis=-1))
+  return np.asarray(fn(jax.random.key(seeded.CLI_BASE_SEED), seeds), np.int64)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from configs import toy_diffusion
 from ddo_jax import families, parallel
 from ddo_jax.data import negatives
 from ddo_jax.families import diffusion
-from ddo_jax.sampling import heun
+from ddo_jax.sampling import heun, seeded
 
 
 def _family():
@@ -95,9 +95,7 @@ def test_negative_store_is_independent_of_device_count_and_resumable(tmp_path):
   outs = []
   for devices, chunk in ((jax.devices()[:1], 64), (jax.devices(), 128)):
     mesh = parallel.make_mesh(devices=devices)
-    bs = parallel.batch_sharding(mesh)
-    fn = jax.jit(fam.sample, in_shardings=(parallel.replicated(mesh), bs, bs),
-                 out_shardings=parallel.batch_sharding(mesh))
+    fn = seeded.make_seeded_sampler(fam.sample, mesh, parallel.replicated(mesh))
     d = tmp_path / f"store_{len(devices)}"
     negatives.generate(fn, params, num=256, chunk_size=chunk, directory=d, seed=5, mesh=mesh)
     outs.append((negatives.load(d)["x"], d, fn, mesh, chunk))

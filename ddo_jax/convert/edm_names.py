@@ -322,6 +322,13 @@ def _listing(title: str, items: List[str], limit: int = 40) -> str:
   return "\n".join(lines)
 
 
+def _raise_if_mismatched(title: str, sections, advice: str) -> None:
+  """One ValueError listing every non-empty (label, items) section, then what to do; nothing if all empty."""
+  parts = [_listing(label, items) for label, items in sections if items]
+  if parts:
+    raise ValueError("\n".join([title, *parts, advice]))
+
+
 def _filter_buffer(config) -> np.ndarray:
   f = edm_precond.plain_dict(config)["model_kwargs"]["resample_filter"]
   return resample_filter_2d(f)[None, None]
@@ -349,22 +356,15 @@ def torch_to_flax(state_dict: Mapping[str, Any], config) -> dict:
       mismatched.append(f"{key}: got {list(arr.shape)} vs expected {list(e.torch_shape)}")
     elif e.kind == "buffer" and not np.allclose(arr.astype(np.float64), filt, rtol=1e-6, atol=1e-7):
       bad_filters.append(f"{key}: got {arr.reshape(-1).tolist()} vs expected {filt.reshape(-1).tolist()}")
-  if missing or unexpected or mismatched or bad_filters:
-    parts = [f"EDM state_dict does not match the Flax model of {_config_summary(config)}:"]
-    if missing:
-      parts.append(_listing("missing keys", missing))
-    if unexpected:
-      parts.append(_listing("unexpected keys", unexpected))
-    if mismatched:
-      parts.append(_listing("shape mismatches (torch layout)", mismatched))
-    if bad_filters:
-      parts.append(_listing("resample_filter buffers that differ from the config's filter", bad_filters))
-    parts.append(
-        "Build the config from this checkpoint's own constructor kwargs "
-        "(config_from_init_kwargs(<the pickle's ema _init_kwargs>, <its class name>)), e.g. label_dim 0 vs 10 "
-        "adds or removes model.map_label.*, augment_dim adds model.map_augment.weight; and pass the "
-        "state_dict of the precond object itself (keys start with 'model.').")
-    raise ValueError("\n".join(parts))
+  _raise_if_mismatched(
+      f"EDM state_dict does not match the Flax model of {_config_summary(config)}:",
+      [("missing keys", missing), ("unexpected keys", unexpected),
+       ("shape mismatches (torch layout)", mismatched),
+       ("resample_filter buffers that differ from the config's filter", bad_filters)],
+      "Build the config from this checkpoint's own constructor kwargs "
+      "(config_from_init_kwargs(<the pickle's ema _init_kwargs>, <its class name>)), e.g. label_dim 0 vs 10 "
+      "adds or removes model.map_label.*, augment_dim adds model.map_augment.weight; and pass the "
+      "state_dict of the precond object itself (keys start with 'model.').")
 
   params = {}
   for e in entries:
@@ -396,16 +396,10 @@ def flax_to_torch(params: Mapping[str, Any], config) -> "collections.OrderedDict
       if _torch_shape(e.kind, got) != e.torch_shape:
         bad.append(f"{'/'.join(e.flax_path)}: got {list(got)} vs expected "
                    f"{list(_flax_shape(e.kind, e.torch_shape))}")
-  if missing or extra or bad:
-    parts = [f"Flax params do not match {_config_summary(config)}:"]
-    if missing:
-      parts.append(_listing("missing leaves", missing))
-    if extra:
-      parts.append(_listing("unexpected leaves", extra))
-    if bad:
-      parts.append(_listing("shape mismatches", bad))
-    parts.append("Pass the params of build_precond(config) (the tree under 'params', starting at 'model').")
-    raise ValueError("\n".join(parts))
+  _raise_if_mismatched(
+      f"Flax params do not match {_config_summary(config)}:",
+      [("missing leaves", missing), ("unexpected leaves", extra), ("shape mismatches", bad)],
+      "Pass the params of build_precond(config) (the tree under 'params', starting at 'model').")
 
   filt = _filter_buffer(config)
   out = collections.OrderedDict()

@@ -23,10 +23,9 @@ def is_complete(directory) -> bool:
 
 
 def generate(sample_fn: Callable, params, *, num: int, chunk_size: int, directory, seed: int, mesh) -> dict:
-  """Fill `directory` with `num` samples of `sample_fn(params, keys, seeds) -> dict of [B, ...] arrays`.
-
-  `sample_fn` is jitted by the caller with keys sharded over the mesh's batch axes; `chunk_size` must be
-  divisible by the number of batch shards.
+  """Fill `directory` with `num` samples of `sample_fn(params, base_key, seeds) -> dict of [B, ...] arrays`
+  (a `ddo_jax.sampling.seeded.make_seeded_sampler`); `chunk_size` must be divisible by the number of batch
+  shards.
   """
   directory = pathlib.Path(directory)
   if is_complete(directory):
@@ -45,10 +44,9 @@ def generate(sample_fn: Callable, params, *, num: int, chunk_size: int, director
     path = directory / f"chunk_{i:05d}.npz"
     if path.exists():
       continue
-    seeds = np.arange(i * chunk_size, (i + 1) * chunk_size, dtype=np.int32)
-    sharding = parallel.batch_sharding(mesh)
-    keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(base, s))(seeds), sharding)
-    out = parallel.to_host(sample_fn(params, keys, jax.device_put(seeds, sharding)))
+    seeds = jax.device_put(np.arange(i * chunk_size, (i + 1) * chunk_size, dtype=np.int32),
+                           parallel.batch_sharding(mesh))
+    out = parallel.to_host(sample_fn(params, base, seeds))
     if jax.process_index() == 0:
       utils.atomic_savez(path, **out)
     progress.update((i + 1) * chunk_size)

@@ -33,6 +33,7 @@ import numpy as np
 from ddo_jax import families, parallel, utils
 from ddo_jax.data import negatives as negatives_lib
 from ddo_jax.data import pipeline
+from ddo_jax.sampling import seeded
 from ddo_jax.train import checkpoint, config_check, optim, plots, step as step_lib
 from ddo_jax.train import ema as ema_lib
 
@@ -74,9 +75,7 @@ class Driver:
         self.family, self.tx, self.ema_specs, alpha=config.ddo.alpha, beta=config.ddo.beta,
         batch_size=self.batch_size, mesh=self.mesh, shardings=self.state_shardings,
         ref_shardings=self.param_shardings, schedule=self.schedule)
-    batch_sh = parallel.batch_sharding(self.mesh)
-    self.sample_fn = jax.jit(self.family.sample, in_shardings=(self.param_shardings, batch_sh, batch_sh),
-                             out_shardings=batch_sh)
+    self.sample_fn = seeded.make_seeded_sampler(self.family.sample, self.mesh, self.param_shardings)
     self.real, self.num_real = self.family.real_source(config.seed)
 
   # --- helpers ------------------------------------------------------------------------------------
@@ -95,9 +94,8 @@ class Driver:
     sharding = parallel.batch_sharding(self.mesh)
     out = []
     for first in range(start, start + num, bs):
-      ids = np.arange(first, first + bs, dtype=np.int32)
-      keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(base, s))(ids), sharding)
-      out.append(parallel.to_host(self.sample_fn(params, keys, jax.device_put(ids, sharding))))
+      ids = jax.device_put(np.arange(first, first + bs, dtype=np.int32), sharding)
+      out.append(parallel.to_host(self.sample_fn(params, base, ids)))
     return {k: np.concatenate([o[k] for o in out])[:num] for k in out[0]}
 
   def evaluate(self, params) -> dict:
@@ -145,12 +143,9 @@ class Driver:
     tx = optim.make_optimizer(c.optim)
     params = jax.jit(self.family.init_params, out_shardings=self.param_shardings)(
         jax.random.key(self.config.seed))
-    init = jax.jit(functools.partial(step_lib.init_state, tx=tx, ema_specs={}),
-                   out_shardings=parallel.param_shardings(
-                       jax.eval_shape(functools.partial(step_lib.init_state, tx=tx, ema_specs={}),
-                                      params, jax.random.key(0)), self.mesh, self.rules))
-    state = init(params, jax.random.key(self.config.seed + 1))
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    init = functools.partial(step_lib.init_state, tx=tx, ema_specs={})
+    shardings = parallel.param_shardings(jax.eval_shape(init, params, jax.random.key(0)), self.mesh, self.rules)
+    state = jax.jit(init, out_shardings=shardings)(params, jax.random.key(self.config.seed + 1))
     step = step_lib.make_mle_step(self.family, tx, {}, batch_size=c.batch_size, mesh=self.mesh,
                                   shardings=shardings)
     data = pipeline.PairedBatches(self.real, self.num_real, c.batch_size, seed=self.config.seed)
@@ -206,9 +201,7 @@ class Driver:
       batch = data.next()
       if cfg.negatives.mode == "online":
         ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size, dtype=np.int32)
-        sharding = parallel.batch_sharding(self.mesh)
-        keys = jax.device_put(jax.vmap(lambda s: jax.random.fold_in(online_base, s))(ids), sharding)
-        fake = self.sample_fn(ref, keys, jax.device_put(ids, sharding))
+        fake = self.sample_fn(ref, online_base, jax.device_put(ids, parallel.batch_sharding(self.mesh)))
         batch = parallel.global_batch(batch, self.mesh)
         batch["fake"] = fake
       else:
