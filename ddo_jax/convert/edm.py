@@ -26,9 +26,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-import uuid
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -38,6 +35,7 @@ from ddo_jax.convert import edm_names
 from ddo_jax.convert import torch_pickle
 from ddo_jax.convert import torch_write
 from ddo_jax.convert.torch_pickle import CheckpointFormatError, ForbiddenGlobalError  # noqa: F401 (re-export)
+from ddo_jax.tree_io import MODEL_JSON, load_params_dir, write_dir_atomically  # noqa: F401 (re-export)
 
 __all__ = [
     "KNOWN_SOURCES",
@@ -75,7 +73,6 @@ EDM_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
 EDM_MODELS = ("SongUNet",)
 EDM2_CLASSES = ("Precond", "UNet", "MPConv", "MPFourier", "Block")
 FAMILY = "edm"
-MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
 # Byte strings whose presence in a torch.save object pickle identifies the family of a state dict.
@@ -313,70 +310,11 @@ def convert_edm_pickle(path, which: str = "ema") -> Tuple[dict, dict, dict]:
 # Saving and loading converted models.
 
 
-def write_dir_atomically(out_dir, trees: Mapping[str, Any], meta: Mapping[str, Any], overwrite: bool = False,
-                         meta_name: str = MODEL_JSON) -> pathlib.Path:
-  """Writes ``out_dir/<name>`` (Orbax) for each of ``trees`` and ``out_dir/<meta_name>`` (JSON), all or nothing.
-
-  Everything is written into a temporary sibling folder that is then renamed to ``out_dir``. An existing non-empty
-  ``out_dir`` is refused unless ``overwrite`` (then it is replaced as a whole).
-  """
-  from ddo_jax.train import checkpoint  # pylint: disable=import-outside-toplevel (orbax is slow to import)
-  out = pathlib.Path(out_dir).absolute()
-  if out.exists() and not out.is_dir():
-    raise FileExistsError(f"{out} exists and is not a directory")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    for name, tree in trees.items():
-      checkpoint.save_tree(tmp / name, tree)
-    (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o755)
-    if out.is_dir() and any(out.iterdir()):
-      trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-      os.replace(out, trash)
-      os.replace(tmp, out)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.replace(tmp, out)  # replaces an empty directory too
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
-
-
 def save_converted(out_dir, params, net_config: Mapping[str, Any], report: Mapping[str, Any],
                    overwrite: bool = False) -> pathlib.Path:
   """Writes ``out_dir/params`` (Orbax ``{'params': params}``) and ``out_dir/model.json`` atomically."""
   meta = {"family": FAMILY, "net": json.loads(json.dumps(dict(net_config))), "source": dict(report)}
   return write_dir_atomically(out_dir, {PARAMS_DIR: {"params": params}}, meta, overwrite=overwrite)
-
-
-def load_params_dir(path) -> Any:
-  """The tree of an Orbax StandardCheckpointer folder as numpy arrays, whatever topology it was saved with."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(path).absolute()
-  if not path.is_dir():
-    raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-  device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if _has_cpu() else jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    meta = getattr(meta, "tree", meta)
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta)
-    tree = ckptr.restore(path, target)
-  return jax.tree_util.tree_map(np.asarray, tree)
-
-
-def _has_cpu() -> bool:
-  """True when a CPU backend is available (restores go to host memory)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    return bool(jax.devices("cpu"))
-  except RuntimeError:
-    return False
 
 
 def read_model_json(path) -> dict:

@@ -211,7 +211,7 @@ def load_model_dir(path, *, labels: str = "random", num_steps: int = 18, S_churn
   round folder (chosen/ + model.json), with EDM's Heun sampler settings for sampling from it."""
   import ml_collections
   from ddo_jax.convert import edm_names
-  from ddo_jax.train import checkpoint
+  from ddo_jax import tree_io
   path = pathlib.Path(path)
   meta_path = path / "model.json"
   if not meta_path.exists():
@@ -227,6 +227,6 @@ def load_model_dir(path, *, labels: str = "random", num_steps: int = 18, S_churn
   abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
                                     is_leaf=lambda s: isinstance(s, tuple))
   tree = path / "params" if (path / "params").exists() else path / "chosen"
-  params = checkpoint.load_tree(tree, {"params": abstract})["params"]
+  params = tree_io.load_tree(tree, {"params": abstract})["params"]
   return family, params
 

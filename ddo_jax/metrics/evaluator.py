@@ -155,8 +155,8 @@ def load_inception(path=None) -> Dict[str, Any]:
     raise InceptionWeightsNotFoundError(_missing_weights_message(path))
   path = os.fspath(path)
   if os.path.isdir(path):
-    from ddo_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-    variables = jax.tree_util.tree_map(np.asarray, checkpoint.load_tree(path))
+    from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
+    variables = jax.tree_util.tree_map(np.asarray, tree_io.load_tree(path))
   elif path.lower().endswith(".npz"):
     variables = _load_npz_variables(path)
   else:

@@ -11,9 +11,10 @@ mid-save leaves nothing that looks finished.
 import pathlib
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from ddo_jax.tree_io import abstract_like, load_tree, save_tree  # noqa: F401 (the driver's tree I/O)
 
 
 class RoundCheckpoints:
@@ -53,28 +54,3 @@ class RoundCheckpoints:
 
   def close(self):
     self.manager.close()
-
-
-def save_tree(path, tree: Any) -> None:
-  """Save a pytree of arrays (e.g. chosen parameters) once, atomically, with Orbax."""
-  path = pathlib.Path(path).absolute()
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree)
-    ckptr.wait_until_finished()
-
-
-def load_tree(path, abstract_tree: Any = None) -> Any:
-  """Load a pytree saved by `save_tree`; `abstract_tree` (ShapeDtypeStructs with shardings) places it."""
-  path = pathlib.Path(path).absolute()
-  if not path.exists():
-    raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-  with ocp.StandardCheckpointer() as ckptr:
-    if abstract_tree is None:
-      return ckptr.restore(path)
-    return ckptr.restore(path, abstract_tree)
-
-
-def abstract_like(tree: Any, shardings: Any = None) -> Any:
-  if shardings is None:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
