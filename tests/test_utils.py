@@ -4,6 +4,7 @@ import logging
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import sys
 
@@ -63,6 +64,9 @@ def restore_logging():
       if h not in handlers:
         logger.removeHandler(h)
         h.close()
+    for h in handlers:
+      if h not in logger.handlers:
+        logger.addHandler(h)
   utils.log.propagate, utils.log.level = saved[1], saved[2]
   root.setLevel(saved[4])
   for n, level in saved[5].items():
@@ -126,7 +130,6 @@ def test_atomic_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
   real = os.fsync
   monkeypatch.setattr(utils.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode), real(fd)))
   utils.atomic_write_text(tmp_path / "x.txt", "a")
-  import stat
   assert [stat.S_ISREG(m) for m in synced] == [True, False]   # the file, then its directory
 
 
