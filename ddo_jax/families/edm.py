@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddo_jax import cli
 from ddo_jax.families import diffusion
+from ddo_jax.families.base import Family
 from ddo_jax.utils import flatten_dict
 from ddo_jax.nets.edm_precond import build_precond, plain_dict
 from ddo_jax.sampling.heun import heun_sample
@@ -42,30 +44,33 @@ def _compare_nets(ours: dict, theirs: dict, source: str) -> None:
                      + "\nUse the config variant that matches the checkpoint, or fix config.model.net.")
 
 
-class EDM:
+class EDM(Family):
   """The family object; `config` is the run config's `model` (see configs/edm_cifar10.py)."""
   name = "edm"
+  metric_mode = "min"
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
+    self._source = self._val_fn = self._evaluator = None
     self.net_config = plain_dict(config.net)
     self.net = build_precond(self.net_config)
     self.label_dim = int(self.net_config["label_dim"])
     r, c = self.net_config["img_resolution"], self.net_config["img_channels"]
     self.sample_shape = (r, r, c)
     self.sigma_data = float(self.net_config["precond_kwargs"].get("sigma_data", 0.5))
-    self.metric_mode = "min"
     if config.labels not in ("random", "balanced"):
-      raise ValueError(f"model.labels={config.labels!r} must be 'random' or 'balanced'")
+      raise cli.ConfigError(f"model.labels={config.labels!r} is not a labelling", "config.model.labels",
+                            "use 'random' or 'balanced'")
     if config.metric == "fid":
       e = config.eval
       if not e.ref_stats:
-        raise ValueError("model.metric='fid' needs model.eval.ref_stats: reference statistics such as EDM's "
-                         "cifar10-32x32.npz (EDM fid-refs), or make them with `python -m launch.evaluate "
-                         "--make_ref --images <dataset> --out ref.npz`")
+        raise cli.ConfigError("model.metric='fid' needs model.eval.ref_stats", "config.model.eval.ref_stats",
+                              "pass EDM's cifar10-32x32.npz (EDM fid-refs), or make them with `python -m "
+                              "launch.evaluate --make_ref --images <dataset> --out ref.npz`")
       if not (e.inception or os.environ.get("DDO_JAX_INCEPTION")):
-        raise ValueError("model.metric='fid' needs model.eval.inception (or $DDO_JAX_INCEPTION): pytorch-fid's "
-                         "pt_inception-2015-12-05-6726825d.pth, from pytorch-fid's GitHub releases")
+        raise cli.ConfigError("model.metric='fid' needs model.eval.inception", "config.model.eval.inception",
+                              "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth (pytorch-fid's GitHub "
+                              "releases) or set $DDO_JAX_INCEPTION")
 
   # --- pure functions -------------------------------------------------------------------------------
   def init_params(self, rng):
@@ -132,9 +137,15 @@ class EDM:
     """The training images (loaded once): CIFAR-10 from tfds or EDM's dataset zip."""
     from ddo_jax.data import cifar10
     del seed
-    if getattr(self, "_source", None) is None:
+    if self._source is None:
       self._source = cifar10.load(self.config.data)
     return self._source
+
+  def ground_truth(self, seed: int, num: int) -> np.ndarray:
+    """`num` training images (a fixed random subset) for the plots' ground-truth panel."""
+    source, n = self.real_source(seed)
+    idx = np.sort(np.random.default_rng([seed, 4]).choice(n, size=min(num, n), replace=False))
+    return np.asarray(source(idx)["x"])
 
   def check_converted(self, model_json_path) -> None:
     path = pathlib.Path(model_json_path)
@@ -160,7 +171,7 @@ class EDM:
     source, n = self.real_source(seed)
     idx = np.random.default_rng([seed, 9]).permutation(n)[:min(n, self.config.eval_batch)]
     batch = source(idx)
-    fn = getattr(self, "_val_fn", None)
+    fn = self._val_fn
     if fn is None:
       def loss(p, x, labels):
         sigma = jnp.exp(jnp.linspace(-3.0, 2.0, x.shape[0]))   # fixed grid of noise levels
@@ -174,7 +185,7 @@ class EDM:
   def _fid(self, params, sample: Callable) -> dict:
     from ddo_jax.metrics import evaluator as evaluator_lib
     from ddo_jax.metrics import reference_stats
-    ev = getattr(self, "_evaluator", None)
+    ev = self._evaluator
     if ev is None:
       e = self.config.eval
       ev = self._evaluator = evaluator_lib.Evaluator(
@@ -189,9 +200,6 @@ class EDM:
       ev.add_uint8(to_uint8(x))
       progress.update(min(start + bs, n))
     return ev.result()
-
-  def reference_metrics(self, seed: int) -> dict:
-    return {}
 
   def plot_samples(self, ax, x, title):
     x = to_uint8(x[:64])

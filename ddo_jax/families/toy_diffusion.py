@@ -15,6 +15,7 @@ import numpy as np
 
 from ddo_jax.data import pipeline
 from ddo_jax.families import diffusion
+from ddo_jax.families.base import Family
 from ddo_jax.nets.mlp_denoiser import MLPDenoiser
 from ddo_jax.sampling.heun import heun_sample
 
@@ -65,13 +66,13 @@ def mode_metrics(x: np.ndarray, mixture: Mixture, num_std: float = 3.0) -> dict:
   return {"precision": precision, "recall": recall}
 
 
-class ToyDiffusion:
+class ToyDiffusion(Family):
   """The toy diffusion family. See the module docstring; `config` is configs/toy_diffusion.py's `model`."""
   name = "toy_diffusion"
   metric_mode = "min"
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.mixture = Mixture(config.num_modes, config.radius, config.mode_std)
     self.sigma_data = self.mixture.sigma_data
     self.net = MLPDenoiser(features=tuple(config.features), sigma_data=self.sigma_data,
@@ -125,6 +126,9 @@ class ToyDiffusion:
     """The same metrics for a fresh draw of data: the noise floor a perfect model would reach."""
     n = self.config.eval_samples
     return self.evaluate_samples(self.mixture.sample(np.random.default_rng([seed, 3]), n), seed)
+
+  def ground_truth(self, seed: int, num: int) -> np.ndarray:
+    return self.mixture.sample(np.random.default_rng([seed, 4]), num)
 
   def plot_samples(self, ax, x: np.ndarray, title: str) -> None:
     ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)

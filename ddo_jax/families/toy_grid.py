@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddo_jax.data import pipeline
+from ddo_jax.families.base import Family
+
 SIZE = 16
 
 
@@ -80,13 +83,13 @@ def sample(params, keys: jax.Array) -> jax.Array:
   return jax.vmap(one)(keys)
 
 
-class ToyGrid:
+class ToyGrid(Family):
   """The family object for the round driver (configs/toy_grid.py)."""
   name = "toy_grid"
   metric_mode = "min"
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.p_data = data_distribution()
 
   def init_params(self, rng):
@@ -115,7 +118,6 @@ class ToyGrid:
     return {"x": sample(params, keys)}
 
   def real_source(self, seed: int):
-    from ddo_jax.data import pipeline
     rng = np.random.default_rng([seed, 1])
     flat = rng.choice(SIZE * SIZE, size=self.config.num_train, p=self.p_data.ravel())
     x = np.stack([flat // SIZE, flat % SIZE], axis=-1).astype(np.int32)
@@ -128,6 +130,10 @@ class ToyGrid:
 
   def reference_metrics(self, seed: int) -> dict:
     return {"kl": 0.0, "reverse_kl": 0.0}
+
+  def ground_truth(self, seed: int, num: int) -> np.ndarray:
+    flat = np.random.default_rng([seed, 4]).choice(SIZE * SIZE, size=num, p=self.p_data.ravel())
+    return np.stack([flat // SIZE, flat % SIZE], axis=-1).astype(np.int32)
 
   def plot_samples(self, ax, x, title):
     counts = np.zeros((SIZE, SIZE))

@@ -33,8 +33,11 @@ def state_shardings(abstract_state: Any, mesh, rules=()) -> Any:
 
 
 def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, shardings, ref_shardings,
-               schedule=None):
+               schedule=None, project: Callable = None):
   """jit(step) with in/out shardings; loss_fn(params, ref_params, batch, rng) -> (loss, metrics).
+
+  `project(params)` runs after every optimizer update (a family's `project_params`, e.g. EDM2's forced
+  weight normalization); the EMAs average the projected parameters.
 
   The returned function has `num_traces()`: how many times it was traced, i.e. compiled (a retrace
   would mean a shape, dtype or sharding changed; a whole run should compile the step once).
@@ -47,8 +50,13 @@ def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, sharding
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], ref_params, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if project is not None:
+      params = project(params)
     new_ema = ema_lib.update(ema_specs, state["ema"], params, state["step"], batch_size)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+    # One flag for the driver's non-finite check (a NaN or Inf anywhere makes a norm non-finite).
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm, finite=finite)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": new_ema,
@@ -68,7 +76,7 @@ def ddo_loss_fn(family, alpha: float, beta: float) -> Callable:
 
   def loss_fn(params, ref_params, batch, rng):
     gap_real, gap_fake = family.log_ratio(params, ref_params, batch, rng)
-    weights = family.ddo_weights(batch, alpha) if hasattr(family, "ddo_weights") else None
+    weights = family.ddo_weights(batch, alpha)
     if weights is None:
       return objective.ddo_loss(gap_real, gap_fake, alpha=alpha, beta=beta)
     w_real, w_fake, norm = weights
@@ -82,7 +90,7 @@ def make_ddo_step(family, tx, ema_specs, *, alpha: float, beta: float, batch_siz
                   ref_shardings, schedule=None):
   """The jitted DDO step: (state, ref_params, {'real': ..., 'fake': ...}) -> (state, metrics)."""
   return _make_step(ddo_loss_fn(family, alpha, beta), tx, ema_specs, batch_size, mesh, shardings,
-                    ref_shardings, schedule)
+                    ref_shardings, schedule, project=family.project_params)
 
 
 def make_mle_step(family, tx, ema_specs, *, batch_size: int, mesh, shardings, schedule=None):
@@ -92,4 +100,5 @@ def make_mle_step(family, tx, ema_specs, *, batch_size: int, mesh, shardings, sc
     loss = family.pretrain_loss(params, batch, rng)
     return loss, {"loss": loss}
 
-  return _make_step(loss_fn, tx, ema_specs, batch_size, mesh, shardings, None, schedule)
+  return _make_step(loss_fn, tx, ema_specs, batch_size, mesh, shardings, None, schedule,
+                    project=family.project_params)
