@@ -27,6 +27,10 @@ class UserError(Exception):
     super().__init__(format_error(what, where, fix))
 
 
+class ConfigError(UserError, ValueError):
+  """An invalid config or flag value (also a ValueError, for library callers)."""
+
+
 def format_error(what: str, where: str = "", fix: str = "") -> str:
   line = f"error: {what}"
   if where:
@@ -53,20 +57,49 @@ def _print_help(doc: str) -> None:
   print("\n  --debug: show the Python traceback of a user error too")
 
 
+def _root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ if e.__cause__ is not None else e.__context__
+  return e
+
+
+def _config_override(argv: Sequence[str], key: str) -> str:
+  """The `--config.a.b` override among `argv` that names `key` (its last part), or ''."""
+  for a in argv:
+    if a.startswith("--config.") and a.split("=", 1)[0].split(".")[-1] == key:
+      return a.split("=", 1)[0]
+  return ""
+
+
 def _parse_flags(argv: Sequence[str]):
-  """absl's parser, with its errors (unknown or malformed flags, a missing required flag, a config file
-  that does not load) turned into one line."""
+  """absl's parser, with its errors (unknown or malformed flags, an unknown config key, a config file that
+  does not load) turned into one line."""
   try:
     return flags.FLAGS(list(argv))
-  except flags.Error as e:
+  except Exception as e:  # pylint: disable=broad-except (absl and ml_collections raise many kinds)
     if _debug(argv):
       traceback.print_exc()
-    message = str(e).strip().splitlines()
-    first = message[0] if message else type(e).__name__
-    cause = e.__cause__ or e.__context__
-    if isinstance(cause, UserError):
-      fail(cause.what, cause.where, cause.fix)
-    fail(first, "command line", "see --help")
+    root = _root_cause(e)
+    if isinstance(root, UserError):
+      fail(root.what, root.where, root.fix)
+    if isinstance(root, (KeyError, AttributeError)):
+      text = str(root).strip("\"' ")
+      key = text.split("'")[0].strip() if "'" in text else text
+      flag = _config_override(argv, key)
+      if flag:
+        chain, x = [], e
+        while x is not None:
+          chain.append(str(x))
+          x = x.__cause__ if x.__cause__ is not None else x.__context__
+        said = next((t for t in chain if "Did you mean" in t), "")
+        hint = said[said.index("Did you mean"):].strip("\"' ") if said else ""
+        fail(f"unknown config key {flag[len('--config.'):]!r}" + (f" ({hint})" if hint else ""), flag,
+             "list the keys with --print_config")
+    message = str(root).strip().splitlines() or [type(root).__name__]
+    if isinstance(e, flags.IllegalFlagValueError) and root is not e:
+      flag = str(e).split(":", 1)[0].replace("flag ", "")
+      fail(message[-1], flag, "see --help")
+    fail(str(e).strip().splitlines()[0] if str(e).strip() else message[-1], "command line", "see --help")
 
 
 def run(main: Callable, doc: str = "", user_errors: tuple = ()) -> None:

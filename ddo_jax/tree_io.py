@@ -1,8 +1,11 @@
 """Checkpoint tree I/O below both `train/` and `convert/`: Orbax trees saved once and loaded anywhere, and
 model folders (`DIR/<tree>/` + `DIR/model.json`) written all or nothing.
 
-`save_tree` / `load_tree`: one pytree of arrays (chosen parameters, converted weights), written atomically
-by Orbax. `load_params_dir`: any such tree as host numpy arrays whatever topology wrote it.
+`save_tree` / `load_tree`: one pytree of arrays (chosen parameters, converted weights). The tree is written
+by Orbax into `.NAME.partial`, a checksum of every leaf (`checksum.json`) is added, and the folder is then
+renamed to NAME, so a folder that exists is complete. `load_tree` recomputes the checksum and refuses a
+tree whose bytes changed (a bit flip, a truncated file) with `CorruptCheckpointError` naming the folder.
+`load_params_dir`: any such tree as host numpy arrays whatever topology wrote it.
 `write_dir_atomically`: a model folder from a temporary sibling renamed into place.
 """
 import json
@@ -11,12 +14,46 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from typing import Any, Mapping
+import zlib
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
+from ddo_jax import faults, parallel, utils
+
 MODEL_JSON = "model.json"
+CHECKSUM_JSON = "checksum.json"
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back as it was written (the message names the folder)."""
+
+
+def _host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def tree_checksum(tree: Any) -> dict:
+  """{'algorithm': 'crc32', 'leaves': {path: 'dtype shape crc'}} over every leaf's bytes (gathers
+  sharded leaves, so every process must call it)."""
+  leaves = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = _host(x)
+    leaves[jax.tree_util.keystr(path)] = f"{a.dtype} {list(a.shape)} {zlib.crc32(memoryview(a).cast('B')):08x}"
+  return {"algorithm": "crc32", "leaves": leaves}
+
+
+def checksum_mismatches(tree: Any, expected: Mapping[str, Any]) -> list:
+  """The leaf paths whose checksum differs from `expected` (missing or extra leaves included)."""
+  got = tree_checksum(tree)["leaves"]
+  want = expected.get("leaves", {})
+  return sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
 
 
 def _ocp():
@@ -25,22 +62,67 @@ def _ocp():
 
 
 def save_tree(path, tree: Any) -> None:
-  """Save a pytree of arrays (e.g. chosen parameters) once, atomically, with Orbax."""
+  """Save a pytree of arrays (e.g. chosen parameters) once, atomically, with its checksum.
+
+  Every process calls it (Orbax writes the shards each one holds); `path` must not exist yet.
+  """
   path = pathlib.Path(path).absolute()
+  if path.exists():
+    raise FileExistsError(f"{path} exists; a saved tree is never overwritten")
+  partial = path.parent / f".{path.name}.partial"
+  if jax.process_index() == 0 and partial.exists():
+    shutil.rmtree(partial)   # left by a process killed mid-save
+  parallel.barrier(f"save-tree-clean-{path.name}")
   with _ocp().StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree)
+    ckptr.save(partial, tree)
     ckptr.wait_until_finished()
+  checksum = tree_checksum(tree)
+  if jax.process_index() == 0:
+    utils.atomic_write_json(partial / CHECKSUM_JSON, checksum)
+    faults.point("save_tree")
+    os.replace(partial, path)
+    utils.fsync_dir(path.parent)
+  parallel.barrier(f"save-tree-done-{path.name}")
+
+
+def read_checksum(path) -> Optional[dict]:
+  """The checksum written with a tree, or None for a tree written without one."""
+  f = pathlib.Path(path) / CHECKSUM_JSON
+  if not f.exists():
+    return None
+  try:
+    return json.loads(f.read_text())
+  except ValueError as e:
+    raise CorruptCheckpointError(f"{f} is not valid JSON ({e})") from e
+
+
+def verify_tree(path, tree: Any, checksum: Optional[dict]) -> None:
+  """Raise CorruptCheckpointError when `tree` (as restored from `path`) does not match `checksum`."""
+  if checksum is None:
+    utils.log.warning("%s has no %s (written by an older version): not verified", path, CHECKSUM_JSON)
+    return
+  bad = checksum_mismatches(tree, checksum)
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise CorruptCheckpointError(f"{path}: the restored arrays do not match the checksum written with them "
+                                 f"({shown})")
 
 
 def load_tree(path, abstract_tree: Any = None) -> Any:
-  """Load a pytree saved by `save_tree`; `abstract_tree` (ShapeDtypeStructs with shardings) places it."""
+  """Load and verify a pytree saved by `save_tree`; `abstract_tree` (ShapeDtypeStructs with shardings)
+  places it. A missing folder raises FileNotFoundError; a damaged one CorruptCheckpointError."""
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-  with _ocp().StandardCheckpointer() as ckptr:
-    if abstract_tree is None:
-      return ckptr.restore(path)
-    return ckptr.restore(path, abstract_tree)
+  checksum = read_checksum(path)
+  try:
+    with _ocp().StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(path) if abstract_tree is None else ckptr.restore(path, abstract_tree)
+  except Exception as e:  # pylint: disable=broad-except (Orbax/tensorstore raise many kinds on damaged files)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CorruptCheckpointError(f"{path} cannot be read ({type(e).__name__}: {first[:300]})") from e
+  verify_tree(path, tree, checksum)
+  return tree
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
@@ -68,7 +150,7 @@ def load_params_dir(path) -> Any:
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta)
-    tree = ckptr.restore(path, target)
+  tree = load_tree(path, target)
   return jax.tree_util.tree_map(np.asarray, tree)
 
 

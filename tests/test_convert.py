@@ -14,7 +14,7 @@ import pytest
 
 from ddo_jax.convert import edm, edm_names, torch_pickle
 from ddo_jax.nets import edm_precond
-from ddo_jax.train import checkpoint
+from ddo_jax import tree_io
 from tests.goldens import golden_path, load_json, load_npz
 from tests.hashweights import regenerate_state_dict
 
@@ -256,7 +256,7 @@ def test_cli_edm_then_export(tmp_path, pkl_path, pickle_state):
 
   # A round's chosen/ dir (bare Orbax {'params': ...}) plus the model.json of the conversion.
   params, _ = edm.load_converted(out)
-  checkpoint.save_tree(tmp_path / "round_001" / "chosen", {"params": params})
+  tree_io.save_tree(tmp_path / "round_001" / "chosen", {"params": params})
   proc = _cli("--kind=export-edm", "--src", tmp_path / "round_001" / "chosen", "--model", out / "model.json",
               "--out", tmp_path / "ddo.bin", "--format", "torch")
   assert proc.returncode == 0, proc.stderr
@@ -277,7 +277,7 @@ def test_cli_errors(tmp_path, converted):
   # Params against a net that differs: label_dim 0 (unexpected leaves), augment_dim 8 (shape), attention at 16x16
   # (missing leaves): the error names all three kinds.
   chosen = tmp_path / "chosen"
-  checkpoint.save_tree(chosen, {"params": params})
+  tree_io.save_tree(chosen, {"params": params})
   other = copy.deepcopy(config)
   other["label_dim"] = other["model_kwargs"]["label_dim"] = 0
   other["model_kwargs"]["augment_dim"] = 8

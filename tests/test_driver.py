@@ -52,8 +52,8 @@ def _run_and_kill(workdir, condition, timeout=300):
 
 
 def _chosen_params(workdir, rounds):
-  from ddo_jax.train import checkpoint
-  return [checkpoint.load_tree(pathlib.Path(workdir) / f"round_{r:03d}" / "chosen")["params"] for r in rounds]
+  from ddo_jax import tree_io
+  return [tree_io.load_tree(pathlib.Path(workdir) / f"round_{r:03d}" / "chosen")["params"] for r in rounds]
 
 
 @pytest.fixture(scope="module")

@@ -36,32 +36,29 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ddo_jax import utils
+from ddo_jax import cli, utils
 from ddo_jax.data.pipeline import Source
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 TFDS_NAME = "cifar10"
 
-TFDS_PREPARE = """\
-Training never downloads. Prepare the dataset once, on any machine with TensorFlow and internet access
-(training itself reads the ArrayRecord files with NumPy and needs no TensorFlow):
-  pip install tensorflow tensorflow-datasets==4.9.10
-  tfds build cifar10 --file_format=array_record --data_dir={data_dir}
-or in Python:
-  tfds.builder('cifar10', data_dir='{data_dir}', file_format='array_record').download_and_prepare()
-then copy {data_dir}/cifar10 to the training machine and point config.data.data_dir (or the
-TFDS_DATA_DIR environment variable) at the folder that holds it."""
-
-EDM_PREPARE = """\
-Make it with EDM's dataset tool (https://github.com/NVlabs/edm), from the CIFAR-10 python tarball:
-  wget https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
-  python dataset_tool.py --source=cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
-and set config.data.path to the zip (or use config.data.source='tfds')."""
+# One-line fixes (every user error is one line: `error: <what> (<key>): <fix>`).
+TFDS_PREPARE = ("on a machine with internet run `pip install tensorflow tensorflow-datasets==4.9.10 && "
+                "tfds build cifar10 --file_format=array_record --data_dir={data_dir}` and copy "
+                "{data_dir}/cifar10 here (or set TFDS_DATA_DIR), or train from EDM's zip instead: "
+                "--config.model.data.source=edm_zip --config.model.data.path=cifar10-32x32.zip "
+                "(README, 'Preparing data')")
+EDM_PREPARE = ("make it with EDM's dataset tool (https://github.com/NVlabs/edm): "
+               "`python dataset_tool.py --source=cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip` "
+               "and pass --config.model.data.path=datasets/cifar10-32x32.zip, or use "
+               "--config.model.data.source=tfds (README, 'Preparing data')")
+DATA_DIR_KEY = "config.model.data.data_dir"
+ZIP_KEY = "config.model.data.path"
 
 
-class DatasetNotFoundError(FileNotFoundError):
-  """The dataset is missing or not in a readable format; the message says how to prepare it."""
+class DatasetNotFoundError(cli.UserError, FileNotFoundError):
+  """The dataset is missing or not in a readable format; the one-line message says how to prepare it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,19 +180,20 @@ def _tfds_error(split: str, data_dir: Optional[str], cause: Exception) -> Except
     prepared = builder.is_prepared()
     formats = {f.value for f in builder.info.available_file_formats()} if prepared else set()
   except Exception:  # pylint: disable=broad-except
-    return DatasetNotFoundError(f"CIFAR-10 could not be opened with tfds in {shown_dir} ({cause!r}).\n"
-                                + prepare)
+    return DatasetNotFoundError(f"CIFAR-10 could not be opened with tfds in {shown_dir} ({cause!r})",
+                                DATA_DIR_KEY, prepare)
   if not prepared:
-    return DatasetNotFoundError(f"CIFAR-10 is not prepared for tfds in {shown_dir} "
-                                f"(no {builder.data_dir}).\n" + prepare)
+    return DatasetNotFoundError(f"CIFAR-10 is not prepared for tfds in {shown_dir} (no {builder.data_dir})",
+                                DATA_DIR_KEY, prepare)
   if "array_record" not in formats:
     return DatasetNotFoundError(
         f"CIFAR-10 is prepared in {builder.data_dir} as {sorted(formats)} only, but training reads "
-        "ArrayRecord (random access, no TensorFlow). Convert it once, with TensorFlow installed:\n"
-        f"  tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record\n"
-        f"or delete {builder.data_dir} and rebuild it:\n" + prepare)
+        "ArrayRecord (random access, no TensorFlow)", DATA_DIR_KEY,
+        f"convert it once, with TensorFlow installed: `tfds convert_format --dataset_version_dir="
+        f"{builder.data_dir} --out_file_format=array_record`, or delete {builder.data_dir} and rebuild it "
+        f"(`tfds build cifar10 --file_format=array_record --data_dir={shown_dir}`)")
   return DatasetNotFoundError(f"CIFAR-10 split {split!r} could not be opened from {builder.data_dir} "
-                              f"({cause!r}).\n" + prepare)
+                              f"({cause!r})", DATA_DIR_KEY, prepare)
 
 
 def load_tfds(split: str = "train", data_dir: Optional[str] = None,
@@ -293,12 +291,12 @@ def load_edm_zip(path: str) -> Tuple[Source, int]:
     'label': float32 [B,10] one-hot} ('label' absent when the zip has no labels).
   """
   if not path or not os.path.isfile(path):
-    raise DatasetNotFoundError(f"EDM dataset zip not found: {path!r}.\n" + EDM_PREPARE)
+    raise DatasetNotFoundError(f"EDM dataset zip not found: {path!r}", ZIP_KEY, EDM_PREPARE)
   what = os.path.basename(path)
   with zipfile.ZipFile(path) as zf:
     names = _image_names(zf.namelist())
     if not names:
-      raise DatasetNotFoundError(f"{path} holds no images.\n" + EDM_PREPARE)
+      raise DatasetNotFoundError(f"{path} holds no images", ZIP_KEY, EDM_PREPARE)
     labels = _zip_labels(zf, names)
     images = _zip_images(zf, names, what)
   if labels is not None:
@@ -331,7 +329,8 @@ def load(config_data) -> Tuple[Source, int]:
   """CIFAR-10 per `config.data`: source='tfds' (split, data_dir, cache) or 'edm_zip' (path)."""
   kind = _get(config_data, "source")
   if kind not in LOADERS:
-    raise ValueError(f"config.data.source must be one of {sorted(LOADERS)}, got {kind!r}")
+    raise cli.ConfigError(f"unknown data source {kind!r}", "config.model.data.source",
+                        f"use one of {sorted(LOADERS)}")
   return LOADERS[kind](config_data)
 
 

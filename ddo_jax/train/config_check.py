@@ -1,35 +1,45 @@
-"""Checks of a run config at start, so an invalid value fails before any work with a message naming it."""
+"""Checks of a run config at start, so an invalid value fails before any work or any file is written, with
+one line naming the key (`error: <what> (config.<key>): <fix>`)."""
+from ddo_jax.cli import ConfigError
 
 
-def _require(cond: bool, msg: str) -> None:
+def _require(cond: bool, key: str, msg: str, fix: str = "") -> None:
   if not cond:
-    raise ValueError(f"invalid config: {msg}")
+    raise ConfigError(f"invalid config: {msg}", f"config.{key}", fix or f"set --config.{key}=<valid value>")
 
 
 def validate(config) -> None:
   c = config
-  _require(c.ddo.alpha > 0, f"ddo.alpha must be > 0, got {c.ddo.alpha}")
-  _require(c.ddo.beta > 0, f"ddo.beta must be > 0, got {c.ddo.beta}")
-  _require(c.rounds.num >= 1, f"rounds.num must be >= 1, got {c.rounds.num}")
-  _require(c.rounds.batch_size >= 1, f"rounds.batch_size must be >= 1, got {c.rounds.batch_size}")
-  _require(c.rounds.images >= c.rounds.batch_size,
+  _require(c.ddo.alpha > 0, "ddo.alpha", f"ddo.alpha must be > 0, got {c.ddo.alpha}")
+  _require(c.ddo.beta > 0, "ddo.beta", f"ddo.beta must be > 0, got {c.ddo.beta}")
+  _require(c.rounds.num >= 1, "rounds.num", f"rounds.num must be >= 1, got {c.rounds.num}")
+  _require(c.rounds.batch_size >= 1, "rounds.batch_size", f"rounds.batch_size must be >= 1, got {c.rounds.batch_size}")
+  _require(c.rounds.images >= c.rounds.batch_size, "rounds.images",
            f"rounds.images ({c.rounds.images}) must be at least one batch ({c.rounds.batch_size})")
-  _require(c.negatives.mode in ("offline", "online"),
+  _require(c.negatives.mode in ("offline", "online"), "negatives.mode",
            f"negatives.mode must be 'offline' or 'online', got {c.negatives.mode!r}")
   if c.negatives.mode == "offline":
-    _require(c.negatives.num >= c.rounds.batch_size,
+    _require(c.negatives.num >= c.rounds.batch_size, "negatives.num",
              f"negatives.num ({c.negatives.num}) must be at least one batch ({c.rounds.batch_size})")
-  _require(c.selection.choose in ("best", "last"), f"selection.choose must be 'best' or 'last', got {c.selection.choose!r}")
-  _require(c.selection.params == "params" or c.selection.params in c.ema,
+  _require(c.sampling.batch_size >= 1, "sampling.batch_size",
+           f"sampling.batch_size must be >= 1, got {c.sampling.batch_size}")
+  _require(c.selection.choose in ("best", "last"), "selection.choose",
+           f"selection.choose must be 'best' or 'last', got {c.selection.choose!r}")
+  _require(c.selection.params == "params" or c.selection.params in c.ema, "selection.params",
            f"selection.params={c.selection.params!r} must be 'params' or one of the EMAs {list(c.ema.keys())}")
-  _require(c.selection.eval_every >= 1, f"selection.eval_every must be >= 1, got {c.selection.eval_every}")
-  _require(c.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {c.checkpoint.every}")
-  _require(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
-  _require(c.init.kind in ("pretrain", "checkpoint"), f"init.kind must be 'pretrain' or 'checkpoint', got {c.init.kind!r}")
+  _require(c.selection.eval_every >= 1, "selection.eval_every",
+           f"selection.eval_every must be >= 1, got {c.selection.eval_every}")
+  _require(c.checkpoint.every >= 1, "checkpoint.every", f"checkpoint.every must be >= 1, got {c.checkpoint.every}")
+  _require(c.log_every >= 1, "log_every", f"log_every must be >= 1, got {c.log_every}")
+  _require(c.init.kind in ("pretrain", "checkpoint"), "init.kind",
+           f"init.kind must be 'pretrain' or 'checkpoint', got {c.init.kind!r}")
   if c.init.kind == "checkpoint":
-    _require(bool(c.init.checkpoint), "init.kind='checkpoint' needs init.checkpoint (a converted Orbax checkpoint)")
+    _require(bool(c.init.checkpoint), "init.checkpoint",
+             "init.kind='checkpoint' needs init.checkpoint (a converted Orbax checkpoint)",
+             "convert one with `python -m launch.convert edm --src X.pkl --out DIR` and pass "
+             "--config.init.checkpoint=DIR")
   if c.init.kind == "pretrain":
-    _require(c.pretrain.steps >= 1, f"pretrain.steps must be >= 1, got {c.pretrain.steps}")
+    _require(c.pretrain.steps >= 1, "pretrain.steps", f"pretrain.steps must be >= 1, got {c.pretrain.steps}")
   for r in c.sharding_rules:
-    _require(len(r) == 2 and r[1] in ("replicate", "fsdp"),
+    _require(len(r) == 2 and r[1] in ("replicate", "fsdp"), "sharding_rules",
              f"sharding_rules entries are (regex, 'replicate'|'fsdp'), got {tuple(r)}")
