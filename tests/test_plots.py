@@ -1,12 +1,11 @@
-"""ddo_jax.train.plots: each figure is a valid PNG, written atomically, with the labels a reader needs."""
+"""ddo_jax.plots: each figure is a valid PNG, written atomically, with the labels a reader needs."""
 import os
 
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from ddo_jax import utils
-from ddo_jax.train import plots
+from ddo_jax import plots, utils
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -51,6 +51,11 @@ def read_chunk(path, rows: int, checksum: Optional[str] = None) -> dict:
   return arrays
 
 
+def is_complete(directory) -> bool:
+  """True once the store's manifest is written (its chunks are verified when read)."""
+  return (pathlib.Path(directory) / MANIFEST).exists()
+
+
 def _read_manifest(directory) -> Optional[dict]:
   path = pathlib.Path(directory) / MANIFEST
   if not path.exists():

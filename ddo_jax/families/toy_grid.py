@@ -136,9 +136,8 @@ class ToyGrid(Family):
     return np.stack([flat // SIZE, flat % SIZE], axis=-1).astype(np.int32)
 
   def plot_samples(self, ax, x, title):
+    from ddo_jax import plots  # pylint: disable=import-outside-toplevel (matplotlib only when plotting)
     counts = np.zeros((SIZE, SIZE))
     np.add.at(counts, (x[:, 0], x[:, 1]), 1)
-    ax.imshow(counts, cmap="viridis")
-    ax.set_title(title, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    plots.heatmap(ax, None, counts / max(counts.sum(), 1), title, "second token (column)", "first token (row)",
+                  "share of samples", vmin=0.0, vmax=float(self.p_data.max()) * 1.5)

@@ -36,11 +36,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddo_jax import cli, faults, families, parallel, tree_io, utils
+from ddo_jax import cli, faults, families, parallel, plots, tree_io, utils
 from ddo_jax.data import negatives as negatives_lib
 from ddo_jax.data import pipeline
 from ddo_jax.sampling import seeded
-from ddo_jax.train import checkpoint, config_check, optim, plots, step as step_lib
+from ddo_jax.train import checkpoint, config_check, optim, step as step_lib
 from ddo_jax.train import ema as ema_lib
 
 log = utils.log
@@ -368,6 +368,7 @@ class Driver:
                         floor=floor.get(metric), train_records=self.writer.read_records(
                             where=lambda rec, r=r: rec.get("round") == r and "loss" in rec))
       utils.atomic_write_json(rdir / "summary.json", summary)
+    self.writer.flush()
     faults.point("after_summary")
     parallel.barrier(f"round-{r}-summary")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
@@ -376,8 +377,14 @@ class Driver:
 
   # --- the run --------------------------------------------------------------------------------------
   def run(self) -> list:
-    t0 = time.time()
     self.writer = utils.MetricWriter(self.workdir / "metrics.jsonl", enabled=jax.process_index() == 0)
+    try:
+      return self._run()
+    finally:
+      self.writer.close()
+
+  def _run(self) -> list:
+    t0 = time.time()
     fix = "restore it from a backup, or delete it to redo that round"
     if (self.workdir / "summary.json").exists() and all(
         self._round_done(r) for r in range(self.config.rounds.num + 1)):
@@ -416,8 +423,8 @@ class Driver:
       return
     metric = self.config.selection.metric
     floor = self.family.reference_metrics(self.config.seed)
-    modes = {k: self.family.metric_mode for k in summaries[0]["metrics"]}
-    plots.metrics_per_round(self.workdir / "metrics_per_round.png", summaries, floor, modes=modes)
+    plots.metrics_per_round(self.workdir / "metrics_per_round.png", summaries, floor,
+                            modes={metric: self.family.metric_mode})
     n = self.config.plot_samples
     samples = [self.sample(self.load_chosen(s["round"]), n, seed=self.config.seed + 20_000)["x"]
                for s in summaries]
