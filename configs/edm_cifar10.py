@@ -3,7 +3,11 @@
 Variants (`--config configs/edm_cifar10.py:<variant>`):
   cond    edm-cifar10-32x32-cond-vp.pkl  -> edm-cifar10-cond-vp-ddo (paper FID 1.85 -> 1.30, 16 rounds)
   uncond  edm-cifar10-32x32-uncond-vp.pkl -> edm-cifar10-uncond-vp-ddo (1.97 -> 1.38, 12 rounds)
-  tiny    the goldens' 16x16 test net on a small EDM-format zip; 2 rounds in seconds (tests)
+  tiny    self-contained smoke run: the goldens' tiny 16x16 net architecture, RANDOMLY INITIALISED
+          (init.kind='random'), on SYNTHETIC class-coloured discs (data.source='synthetic', not CIFAR-10);
+          2 rounds, no download, no checkpoint. The tests run it from the goldens' converted tiny pickle
+          and an EDM-format zip instead (--config.init.kind=checkpoint --config.init.checkpoint=DIR
+          --config.model.data.source=edm_zip --config.model.data.path=ZIP).
 
 First convert the released pickle (no PyTorch needed):
   python -m launch.convert edm --src edm-cifar10-32x32-cond-vp.pkl --out ckpt/edm-cifar10-cond
@@ -44,6 +48,13 @@ TINY_NET = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False,
                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.0)
 
 
+VARIANTS = {
+    "cond": "class-conditional EDM (edm-cifar10-32x32-cond-vp.pkl), 16 rounds, FID selection",
+    "uncond": "unconditional EDM (edm-cifar10-32x32-uncond-vp.pkl), 12 rounds, FID selection",
+    "tiny": "self-contained smoke run: random tiny net on SYNTHETIC data, 2 rounds",
+}
+
+
 def get_config(arg: str = "cond"):
   if arg not in ("cond", "uncond", "tiny"):
     raise ValueError(f"unknown variant {arg!r} of configs/edm_cifar10.py (cond, uncond, tiny)")
@@ -82,7 +93,9 @@ def get_config(arg: str = "cond"):
   c.plot_samples = 64
 
   if arg == "tiny":
-    c.model.data = dict(source="edm_zip", split="train", data_dir="", path="", cache=True)
+    c.init = dict(kind="random", checkpoint="")
+    c.model.data = dict(source="synthetic", split="train", data_dir="", path="", cache=True, num=512,
+                        resolution=TINY_NET["img_resolution"])
     c.model.metric = "denoise_loss"
     c.model.eval_batch = 32
     c.model.sampler.num_steps = 4

@@ -9,6 +9,9 @@ KL(p_data || p_theta), computed by enumerating the grid.
 import ml_collections
 
 
+VARIANTS = {"": "two-token autoregressive model on a 16x16 grid, 3 rounds, exact KL", "tiny": "1 round (tests)"}
+
+
 def get_config(arg: str = ""):
   if arg not in ("", "tiny"):
     raise ValueError(f"unknown variant {arg!r} of configs/toy_grid.py (use '' or 'tiny')")

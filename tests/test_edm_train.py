@@ -50,7 +50,8 @@ def run(tmp_path_factory):
   _cli("launch.convert", "edm", "--src", str(golden_path("formats", "edm_tiny_cond.pkl")), "--out", str(tmp / "ckpt"))
   _write_edm_zip(tmp / "data.zip")
   out = _cli("launch.train", "--config", "configs/edm_cifar10.py:tiny", "--workdir", str(tmp / "work"),
-             f"--config.init.checkpoint={tmp / 'ckpt'}", f"--config.model.data.path={tmp / 'data.zip'}")
+             "--config.init.kind=checkpoint", f"--config.init.checkpoint={tmp / 'ckpt'}",
+             "--config.model.data.source=edm_zip", f"--config.model.data.path={tmp / 'data.zip'}")
   return tmp, out
 
 

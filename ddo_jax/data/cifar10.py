@@ -317,16 +317,37 @@ def _get(config, key: str, default=None):
   return getattr(config, key, default)
 
 
+def load_synthetic(num: int = 512, resolution: int = 32, seed: int = 0) -> Tuple[Source, int]:
+  """SYNTHETIC stand-in data (not CIFAR-10): `num` uint8 images of one soft coloured disc each, whose colour
+  and position depend on the class (10 classes), with pixel noise. For runs that must work with no dataset
+  prepared (configs/edm_cifar10.py:tiny); nothing learned on it says anything about CIFAR-10."""
+  rng = np.random.default_rng([seed, 7])
+  labels = np.arange(num) % NUM_CLASSES
+  hues = rng.uniform(40, 215, size=(NUM_CLASSES, 3))
+  centers = rng.uniform(0.3, 0.7, size=(NUM_CLASSES, 2)) * resolution
+  yy, xx = np.mgrid[0:resolution, 0:resolution]
+  images = np.empty((num, resolution, resolution, 3), np.uint8)
+  for i, k in enumerate(labels):
+    d2 = (yy - centers[k, 0]) ** 2 + (xx - centers[k, 1]) ** 2
+    disc = np.exp(-d2 / (2 * (0.18 * resolution) ** 2))[..., None]
+    img = 30 + disc * hues[k] + rng.normal(0, 8, size=(resolution, resolution, 3))
+    images[i] = np.clip(img, 0, 255).astype(np.uint8)
+  utils.log.info("SYNTHETIC data (not CIFAR-10): %d images %dx%d, 10 classes", num, resolution, resolution)
+  return _in_memory(images, labels), num
+
+
 LOADERS: Mapping[str, Callable[..., Tuple[Source, int]]] = {
     "tfds": lambda c: load_tfds(split=_get(c, "split", "train") or "train",
                                 data_dir=_get(c, "data_dir") or None,
                                 cache=bool(_get(c, "cache", True))),
     "edm_zip": lambda c: load_edm_zip(_get(c, "path", "")),
+    "synthetic": lambda c: load_synthetic(int(_get(c, "num", 512) or 512), int(_get(c, "resolution", 32) or 32)),
 }
 
 
 def load(config_data) -> Tuple[Source, int]:
-  """CIFAR-10 per `config.data`: source='tfds' (split, data_dir, cache) or 'edm_zip' (path)."""
+  """CIFAR-10 per `config.data`: source='tfds' (split, data_dir, cache) or 'edm_zip' (path); 'synthetic'
+  (num, resolution) is labelled stand-in data for self-contained smoke runs."""
   kind = _get(config_data, "source")
   if kind not in LOADERS:
     raise cli.ConfigError(f"unknown data source {kind!r}", "config.model.data.source",

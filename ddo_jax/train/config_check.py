@@ -31,8 +31,8 @@ def validate(config) -> None:
            f"selection.eval_every must be >= 1, got {c.selection.eval_every}")
   _require(c.checkpoint.every >= 1, "checkpoint.every", f"checkpoint.every must be >= 1, got {c.checkpoint.every}")
   _require(c.log_every >= 1, "log_every", f"log_every must be >= 1, got {c.log_every}")
-  _require(c.init.kind in ("pretrain", "checkpoint"), "init.kind",
-           f"init.kind must be 'pretrain' or 'checkpoint', got {c.init.kind!r}")
+  _require(c.init.kind in ("pretrain", "checkpoint", "random"), "init.kind",
+           f"init.kind must be 'pretrain', 'checkpoint' or 'random', got {c.init.kind!r}")
   if c.init.kind == "checkpoint":
     _require(bool(c.init.checkpoint), "init.checkpoint",
              "init.kind='checkpoint' needs init.checkpoint (a converted Orbax checkpoint)",

@@ -204,6 +204,10 @@ class Driver:
       c = self.config.init
       if c.kind == "pretrain":
         params = self.pretrain()
+      elif c.kind == "random":   # an untrained network: smoke runs only (configs/edm_cifar10.py:tiny)
+        log.warning("round 0 is a RANDOMLY INITIALISED network (init.kind='random'), not a trained model")
+        params = jax.jit(self.family.init_params, out_shardings=self.param_shardings)(
+            jax.random.key(self.config.seed))
       else:
         # A converted model (launch.convert: DIR/params + DIR/model.json) or a round's chosen/ folder.
         src = pathlib.Path(c.checkpoint)
