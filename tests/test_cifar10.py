@@ -232,7 +232,7 @@ def test_edm_zip_with_unlabelled_images_fails(tmp_path):
 
 
 def test_load_rejects_unknown_source():
-  with pytest.raises(ValueError, match="'edm_zip', 'tfds'"):
+  with pytest.raises(ValueError, match="'edm_zip', 'synthetic', 'tfds'"):
     cifar10.load(ml_collections.ConfigDict({"source": "imagenet"}))
 
 
