@@ -15,12 +15,12 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zipfile
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from ddo_jax import utils
 from ddo_jax.convert.torch_pickle import CheckpointFormatError
 
 __all__ = ["load_safetensors", "save_safetensors", "save_torch_zip"]
@@ -56,22 +56,10 @@ _TORCH_STORAGES = {
 
 
 def _atomic_write(path: PathLike, write: Callable) -> None:
-  """Calls ``write(fileobj)`` on a temporary file next to ``path``, then renames it over ``path``."""
-  path = os.path.abspath(os.fspath(path))
-  folder, base = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Calls ``write(fileobj)`` on a temporary file next to ``path``, then renames it over ``path`` (with the
+  permissions a plain open() would give under the current umask)."""
+  with utils.atomic_open(os.path.abspath(os.fspath(path)), "wb") as f:
+    write(f)
 
 
 def _little_endian(value, name: str) -> np.ndarray:
