@@ -105,7 +105,10 @@ def test_heun_sampler_matches_goldens_step_by_step(setup):
         sigma_min=kw["sigma_min"], sigma_max=kw["sigma_max"], rho=kw["rho"], return_trajectory=True))(latents)
     traj = jax.tree_util.tree_map(np.asarray, traj)
   assert traj["x_states"].dtype == np.float64
-  np.testing.assert_allclose(traj["t_steps"], io["t_steps"], rtol=1e-15)
+  # t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho in float64 here and in torch: each
+  # pow and the affine step round to ~1 ulp, and the outer ^rho multiplies the base's relative error by rho,
+  # so the two libm's agree to a few rho ulp (measured 0.8e-15), not to 1e-15 on every CPU.
+  np.testing.assert_allclose(traj["t_steps"], io["t_steps"], rtol=4 * kw["rho"] * np.finfo(np.float64).eps)
   err_states = np.abs(_nchw(traj["x_states"].reshape((-1,) + traj["x_states"].shape[2:])).reshape(io["x_states"].shape)
                       - io["x_states"])
   # Order of the stored denoiser calls: step i's first call at 2i, its correction at 2i+1.
