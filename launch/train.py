@@ -51,6 +51,18 @@ def print_config(config) -> None:
   print(config)
 
 
+def configs_help() -> str:
+  """The experiment files in configs/ and their variants (read from each file's VARIANTS, not executed)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  lines = ["experiment configs (--config FILE:VARIANT; --print_config shows every key):"]
+  for path in sorted(pathlib.Path(__file__).resolve().parents[1].joinpath("configs").glob("*.py")):
+    for node in ast.parse(path.read_text()).body:
+      if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "VARIANTS" for t in node.targets):
+        for name, what in ast.literal_eval(node.value).items():
+          lines.append(f"  configs/{path.name}{':' + name if name else ''}".ljust(36) + what)
+  return "\n".join(lines)
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments {argv[1:]}", "command line", "flags are --name=value; see --help")
@@ -79,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, doc=__doc__)
+  cli.run(main, doc=__doc__ + "\n" + configs_help() if any(a in cli.HELP_FLAGS for a in sys.argv) else __doc__)

@@ -261,3 +261,15 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   config.ddo.alpha = 3.0
   with pytest.raises(ValueError, match="different config.*ddo.alpha"):
     rounds.check_workdir_config(config, tmp_path)
+
+
+def test_help_exits_zero_and_print_config_lists_variants_and_keys(tmp_path):
+  run = lambda *a: subprocess.run([sys.executable, "-m", "launch.train", *a], cwd=REPO, env=_env(),
+                                  capture_output=True, text=True, timeout=300)
+  helped = run("--help")
+  assert helped.returncode == 0 and "configs/toy_diffusion.py:tiny" in helped.stdout and "--workdir" in helped.stdout
+  shown = run("--config", "configs/toy_diffusion.py:tiny", "--print_config", "--config.ddo.alpha=2")
+  assert shown.returncode == 0, shown.stderr
+  assert "variants (--config FILE:VARIANT)" in shown.stdout and "tiny" in shown.stdout
+  assert "alpha: 2.0" in shown.stdout and "eval_every: 8" in shown.stdout
+  assert not (tmp_path / "w").exists()
