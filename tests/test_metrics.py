@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 
 from ddo_jax.metrics import fid as fid_lib
 from ddo_jax.metrics import reference_stats as refs
@@ -66,6 +67,46 @@ def test_fid_singular_covariances_are_handled():
   assert abs(got - _fid_by_eigenvalues(mu1, s1, mu2, s2)) < 1e-3
   with pytest.raises(ValueError, match="shape"):
     fid_lib.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def _fid_by_scipy_sqrtm(mu1, s1, mu2, s2):
+  """The formula of EDM fid.py / pytorch-fid (this module's implementation before the eigenvalue one)."""
+  covmean = scipy.linalg.sqrtm(s1 @ s2)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def test_fid_equals_the_sqrtm_formula_on_full_rank_covariances():
+  # Random full-rank covariances with spread-out spectra (like Inception features); the eigenvalue
+  # computation must give the sqrtm formula's number to float64 rounding, far below 1e-6 relative.
+  rng = np.random.default_rng(7)
+  d = 256
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d) * 0.1
+  s1 = _random_cov(rng, d)
+  s2 = _random_cov(rng, d) + 0.5 * s1
+  got = fid_lib.frechet_distance(mu1, s1, mu2, s2)
+  want = _fid_by_scipy_sqrtm(mu1, s1, mu2, s2)
+  print(f"FID {got:.10g} vs sqrtm formula {want:.10g}: relative difference {abs(got - want) / abs(want):.2g}")
+  assert abs(got - want) <= 1e-6 * abs(want)
+  # The trace term alone (the part that changed), relative to itself.
+  tr = fid_lib.trace_sqrt_product(s1, s2)
+  tr_want = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+  assert abs(tr - tr_want) <= 1e-9 * tr_want
+
+
+def test_fid_record_warns_on_rank_deficient_covariances():
+  rng = np.random.default_rng(5)
+  d = 16
+  few = rng.normal(size=(d, d))            # d samples: rank d - 1 < d
+  stats = (few.mean(0), np.cov(few, rowvar=False))
+  record = fid_lib.fid_record(stats, stats, num_images=d)
+  assert record["fid"] >= 0.0 and record["fid"] < 1e-9
+  assert "not meaningful" in record["fid_warning"] and f"rank at most {d - 1}" in record["fid_warning"]
+  assert fid_lib.fid_warning(d, d) is not None and fid_lib.fid_warning(d + 1, d) is None
+  many = rng.normal(size=(4 * d, d))
+  stats2 = (many.mean(0), np.cov(many, rowvar=False))
+  record = fid_lib.fid_record(stats2, stats, num_images=4 * d)
+  assert set(record) == {"fid"} and record["fid"] == fid_lib.fid_from_stats(stats2, stats)
 
 
 # --------------------------------------------------------------------------- Inception Score
