@@ -17,11 +17,15 @@ Per batch it
 `add_uint8` takes any number of images. Full batches run at once; the rest waits in a host
 buffer for the next call, and `flush` / `result` run the last partial batch padded with zeros
 and masked out of every statistic. One batch is in flight while the previous one's logits are
-copied to the host.
+copied to the host; the host waits for each batch before taking the next, so a progress line never
+runs ahead of the devices.
 
 `result()` returns `{'num_images', 'fid', 'is_mean', 'is_std', 'precision', 'recall'}`; a metric
 is present only when it can be computed: FID with `ref_stats`, IS when `compute_is`, P/R with
-`ref_features`.
+`ref_features`. With no more images than feature dimensions (2048) the FID is not meaningful (a
+rank-deficient covariance): `fid_warning()` says so, `result()` logs it and reports a value that rounding
+made negative as 0. FID takes seconds, precision/recall
+O(N^2 D) (minutes for 50k on a CPU); each logs a line first, P/R a progress line.
 
 Multiple processes: every process calls `add_uint8` with its own share of the images, the same
 number of times with the same counts (batch_size is global; each process supplies
@@ -33,6 +37,7 @@ directory of `{'params', 'batch_stats'}`.
 """
 import functools
 import os
+import time
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import jax
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ddo_jax import parallel
+from ddo_jax import cli, parallel, utils
 from ddo_jax.metrics import fid as fid_lib
 from ddo_jax.metrics import stats as stats_lib
 from ddo_jax.nets import inception
@@ -57,20 +62,17 @@ METRIC_KEYS = ("fid", "is_mean", "is_std", "precision", "recall")
 # Weights.
 
 
-class InceptionWeightsNotFoundError(FileNotFoundError):
-  """The FID Inception weight file is missing; the message says where to get it."""
+class InceptionWeightsNotFoundError(cli.UserError, FileNotFoundError):
+  """The FID Inception weight file is missing; the one-line message says where to get it and how to pass it."""
 
-
-def _missing_weights_message(path) -> str:
-  where = f"at {os.fspath(path)!r}" if path else "(no path given)"
-  return (f"FID Inception weights not found {where}.\n"
-          f"Download pytorch-fid's {INCEPTION_FILENAME} from its GitHub release:\n"
-          f"  wget {INCEPTION_URL}\n"
-          "and pass it with `--inception /path/to/" + INCEPTION_FILENAME + "` (launch.evaluate), "
-          f"the environment variable {INCEPTION_ENV}, or "
-          "`Evaluator(load_inception('/path/to/" + INCEPTION_FILENAME + "'), ...)`. "
-          "An .npz written by ddo_jax.metrics.evaluator.save_inception_npz or an Orbax directory "
-          "of {'params', 'batch_stats'} works too. torch is not needed.")
+  def __init__(self, path):
+    where = f"at {os.fspath(path)!r}" if path else "(no path given)"
+    super().__init__(
+        f"FID Inception weights not found {where}", f"--inception or ${INCEPTION_ENV}",
+        f"download pytorch-fid's {INCEPTION_FILENAME} from its GitHub release ({INCEPTION_URL}) and pass "
+        f"--inception /path/to/{INCEPTION_FILENAME} (launch.evaluate), set {INCEPTION_ENV}, or call "
+        f"load_inception('/path/to/{INCEPTION_FILENAME}'); an .npz written by save_inception_npz or an Orbax "
+        "folder of {'params', 'batch_stats'} works too, and torch is not needed")
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
@@ -152,7 +154,7 @@ def load_inception(path=None) -> Dict[str, Any]:
   if path is None:
     path = os.environ.get(INCEPTION_ENV)
   if not path or not os.path.exists(path):
-    raise InceptionWeightsNotFoundError(_missing_weights_message(path))
+    raise InceptionWeightsNotFoundError(path)
   path = os.fspath(path)
   if os.path.isdir(path):
     from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
@@ -169,7 +171,6 @@ def load_inception(path=None) -> Dict[str, Any]:
 
 def save_inception_npz(variables: Mapping[str, Any], path) -> None:
   """Writes the variables as an `.npz` of '/'-joined flax paths (atomic), for `load_inception`."""
-  from ddo_jax import utils  # pylint: disable=import-outside-toplevel
   check_inception_variables(variables)
   utils.atomic_savez(path, **{k: np.asarray(v) for k, v in _flatten(variables).items()})
 
@@ -347,6 +348,10 @@ class Evaluator:
       return
     out, mask = self._pending
     self._pending = None
+    # Wait for this batch even when nothing of it is fetched (FID-only on the devices): dispatch is
+    # asynchronous, so otherwise a feeding loop runs ahead of the devices and its progress line says
+    # 100% while minutes of queued work remain.
+    jax.block_until_ready(out["pool3"])
     need_pool3 = not self.stats_on_device or self._features_wanted > 0
     fetch = {"mask": mask}
     if need_pool3:
@@ -396,17 +401,32 @@ class Evaluator:
       return np.zeros((0, FEATURE_DIM), np.float32)
     return np.concatenate(self._features)
 
+  def fid_warning(self) -> Optional[str]:
+    """Why the FID of the images added so far is not meaningful (too few images), or None."""
+    if self.ref_stats is None:
+      return None
+    return fid_lib.fid_warning(self.num_images, FEATURE_DIM)
+
   def result(self) -> Dict[str, Any]:
     """`{'num_images', 'fid', 'is_mean', 'is_std', 'precision', 'recall'}` (computable ones).
 
     FID needs `ref_stats`, IS `compute_is` and at least `num_is_splits` images, P/R
-    `ref_features` and kept features. Python floats; FID uses `fid.frechet_distance` (scipy
-    sqrtm in float64, seconds to a minute on a CPU for D = 2048).
+    `ref_features` and kept features. Python numbers only. FID (`fid.frechet_distance`: a float64
+    Cholesky factorization and eigenvalues of 2048 x 2048 matrices, seconds on a CPU) is not meaningful
+    with no more images than feature dimensions (a singular covariance): then `fid_warning()` says so,
+    the warning is logged, and a value that rounding made negative is reported as 0. Each step that may
+    take more than a few seconds logs a line first.
     """
-    self.flush()
-    out: Dict[str, Any] = {"num_images": self.num_images}
+    stats = self.feature_stats()
+    out: Dict[str, Any] = {"num_images": int(stats.count)}
     if self.ref_stats is not None:
-      out["fid"] = fid_lib.fid_from_stats(self.statistics(), self.ref_stats)
+      t0 = time.time()
+      utils.log.info("computing FID (%d images, %d-d features)...", out["num_images"], FEATURE_DIM)
+      record = fid_lib.fid_record(stats_lib.mean_cov(stats), self.ref_stats, out["num_images"])
+      out["fid"] = record["fid"]
+      utils.log.info("FID %.6g (%.1f s)", out["fid"], time.time() - t0)
+      if "fid_warning" in record:
+        utils.log.warning("%s", record["fid_warning"])
     if self.compute_is:
       logits = self.logits()
       if logits.shape[0] < self.num_is_splits:
@@ -415,7 +435,7 @@ class Evaluator:
       out["is_mean"], out["is_std"] = fid_lib.inception_score(logits, self.num_is_splits)
     if self.ref_features is not None:
       out["precision"], out["recall"] = fid_lib.precision_recall(
-          self.ref_features, self.features(), **self.pr_kwargs)
+          self.ref_features, self.features(), **{"log_progress": True, **self.pr_kwargs})
     return out
 
 
@@ -440,7 +460,6 @@ def feed(evaluator: Evaluator, batches: Iterable[Any], total: Optional[int] = No
   Returns:
     The number of images added.
   """
-  from ddo_jax import utils  # pylint: disable=import-outside-toplevel
   total = total if total is not None else max_images
   progress = utils.Progress(what, total or 0, unit="img", every=every)
   done = 0

@@ -21,7 +21,6 @@ Formats:
   as `{'fid': ...}`; `load_reference_stats` does the same.
 """
 import os
-import tempfile
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -124,22 +123,10 @@ def _checked(mu, sigma, path) -> Tuple[np.ndarray, np.ndarray]:
 def save_stats_npz(path, mu, sigma, **extra) -> None:
   """Writes an EDM-compatible `.npz` (`mu`, `sigma`, float64, plus `extra` arrays) atomically.
 
-  The file is written to a temporary file in the same directory, flushed and fsync'ed, then
-  moved over `path` with `os.replace`, so readers never see a partial file.
+  `ddo_jax.utils.atomic_savez`: a temporary file in the same folder, flushed and fsync'ed, then moved
+  over `path` with `os.replace`, so readers never see a partial file.
   """
+  from ddo_jax import utils  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   mu, sigma = _checked(mu, sigma, path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  utils.atomic_savez(path, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
