@@ -1,4 +1,5 @@
-"""Evaluator (sharded Inception + float64 statistics + IS/PR) and the launch.evaluate CLI.
+"""Evaluator (sharded Inception + float64 statistics + IS/PR), the procedures and readers behind
+launch.evaluate (ddo_jax.metrics.evaluate, ddo_jax.metrics.reference, ddo_jax.data.images) and the CLI.
 
 The Inception weights follow the goldens' hash rule (tests/hashweights.py; the same tensors as
 goldens/inception, regenerated without reading the goldens). Images are tiny (16x16; the network
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddo_jax import parallel
+from ddo_jax import cli, parallel
 from ddo_jax.convert import inception_names
+from ddo_jax.data import images as images_lib
+from ddo_jax.metrics import evaluate as evaluate_lib
 from ddo_jax.metrics import evaluator as evaluator_lib
+from ddo_jax.metrics import reference as reference_lib
 from ddo_jax.metrics import fid as fid_lib
 from ddo_jax.metrics import stats as stats_lib
 from ddo_jax.nets import inception
@@ -172,7 +176,7 @@ def test_host_statistics_path(variables, images, direct):
 
 
 def test_sampler_hook_and_precision_recall(variables, images, direct):
-  from launch import evaluate as cli  # pylint: disable=import-outside-toplevel
+  from launch import evaluate as launch_evaluate  # pylint: disable=import-outside-toplevel
 
   def sampler(num):
     for start in range(0, 9, 3):  # yields 9 > num images; the evaluator keeps num
@@ -181,13 +185,13 @@ def test_sampler_hook_and_precision_recall(variables, images, direct):
   ref_features = direct["pool3"][:8].astype(np.float32)
   ev = evaluator_lib.Evaluator(variables, _mesh(), 8, ref_features=ref_features,
                                compute_is=False)
-  result = cli.evaluate_sampler(sampler, 8, ev)
+  result = evaluate_lib.evaluate_sampler(sampler, 8, ev)
   # The sampler's first 8 images are images[0:8]: the same set as the reference.
   assert result == {"num_images": 8, "precision": 1.0, "recall": 1.0}
   with pytest.raises(ValueError, match="fewer than"):
-    cli.evaluate_sampler(lambda num: iter([]), 8, evaluator_lib.Evaluator(variables, _mesh(), 8))
+    evaluate_lib.evaluate_sampler(lambda num: iter([]), 8, evaluator_lib.Evaluator(variables, _mesh(), 8))
   with pytest.raises(FileNotFoundError, match="model.json not found"):
-    cli.build_sampler("no-such-ckpt", 8, _mesh(), num_steps=18)
+    launch_evaluate.build_sampler("no-such-ckpt", 8, _mesh(), num_steps=18)
 
 
 def test_rejects_bad_inputs(variables):
@@ -225,7 +229,9 @@ def test_missing_inception_file_error(tmp_path, monkeypatch):
   for path in (tmp_path / "nope.pth", None):
     with pytest.raises(evaluator_lib.InceptionWeightsNotFoundError) as info:
       evaluator_lib.load_inception(path)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, cli.UserError)
     msg = str(info.value)
+    assert msg.startswith("error: ") and "\n" not in msg
     for fragment in (evaluator_lib.INCEPTION_FILENAME, evaluator_lib.INCEPTION_URL, "--inception",
                      evaluator_lib.INCEPTION_ENV):
       assert fragment in msg
@@ -253,32 +259,76 @@ def _cli(env, *args, check=True):
   return proc
 
 
-def test_cli_missing_inception_file(tmp_path, cli_env):
-  proc = _cli(cli_env, "--images", tmp_path, "--inception", tmp_path / "missing.pth", check=False)
-  assert proc.returncode == 1
-  assert evaluator_lib.INCEPTION_URL in proc.stderr and "--inception" in proc.stderr
-  assert "Traceback" not in proc.stderr
+def _assert_one_line_error(proc, *needles):
+  """Exit 2, exactly one line on stderr starting with 'error:' (after any log lines), no traceback."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr
+  for needle in needles:
+    assert needle in errors[0], (needle, errors[0])
+  return errors[0]
 
 
-def test_cli_reference_readers(tmp_path, images):
-  from launch import evaluate as cli  # pylint: disable=import-outside-toplevel
+def test_cli_user_errors(tmp_path, cli_env, pth_path, images):
+  npz = tmp_path / "samples.npz"
+  np.savez(npz, arr_0=images[:2])
+  line = _assert_one_line_error(_cli(cli_env, "--images", npz, "--inception", tmp_path / "missing.pth",
+                                     check=False),
+                                evaluator_lib.INCEPTION_FILENAME, evaluator_lib.INCEPTION_URL, "--inception",
+                                evaluator_lib.INCEPTION_ENV)
+  print(line)
+  print(_assert_one_line_error(_cli(cli_env, "--images", npz, "--ref", tmp_path / "nope.npz", "--inception",
+                                    pth_path, check=False), "nope.npz does not exist", "(--ref)"))
+  print(_assert_one_line_error(_cli(cli_env, "--images", tmp_path / "nothere", "--inception", pth_path,
+                                    check=False), "does not exist", "(--images)"))
+  print(_assert_one_line_error(_cli(cli_env, "--images", npz, "--inception", pth_path, "--metrics", "fid,kid",
+                                    check=False), "kid", "(--metrics)"))
+  print(_assert_one_line_error(_cli(cli_env, "--images", npz, "--inception", pth_path, "--num", 5, check=False),
+                               "found only 2", "(--num)"))
+  print(_assert_one_line_error(_cli(cli_env, "--images", npz, "--inception", pth_path, "--batch_size", 12,
+                                    check=False), "not a multiple of the 8 devices", "(--batch_size)"))
+  print(_assert_one_line_error(_cli(cli_env, "--model", tmp_path, "--inception", pth_path, check=False),
+                               "has no model.json", "(--model)"))
+  help_proc = _cli(cli_env, "--help", check=False)
+  assert help_proc.returncode == 0 and "--make_ref" in help_proc.stdout and "Traceback" not in help_proc.stderr
+
+
+def test_readers_behind_the_cli(tmp_path, images):
   openai = tmp_path / "openai_like.npz"
   np.savez(openai, arr_0=images[:4])
-  ref = cli.read_reference(str(openai), want_stats=True, want_features=True)
+  ref = reference_lib.read_reference(str(openai), want_stats=True, want_features=True)
   assert ref.stats is None and ref.features is None and ref.images.count == 4
-  assert cli.parse_metrics("auto", str(openai)) == ["is", "fid", "pr"]
-  assert cli.parse_metrics("auto", None) == ["is"]
-  with pytest.raises(ValueError, match="need --ref"):
-    cli.parse_metrics("fid", None)
+  assert reference_lib.parse_metrics("auto", str(openai)) == ["is", "fid", "pr"]
+  assert reference_lib.parse_metrics("auto", None) == ["is"]
+  with pytest.raises(cli.UserError, match="fid and pr need reference statistics") as info:
+    reference_lib.parse_metrics("fid", None)
+  assert info.value.where == "--ref"
   nchw = tmp_path / "nchw.npz"
   np.savez(nchw, images=np.transpose(images[:3], (0, 3, 1, 2)))
-  source = cli.open_images(str(nchw))
+  source = images_lib.open_images(str(nchw))
   got = np.concatenate(list(source.batches(2)))
   np.testing.assert_array_equal(got, images[:3])
   stats_only = tmp_path / "edm.npz"
   np.savez(stats_only, mu=np.zeros(3), sigma=np.eye(3))
-  with pytest.raises(ValueError, match="no features and no 'arr_0'"):
-    cli.read_reference(str(stats_only), want_stats=True, want_features=True)
+  with pytest.raises(cli.UserError, match="no features and no 'arr_0'"):
+    reference_lib.read_reference(str(stats_only), want_stats=True, want_features=True)
+  with pytest.raises(cli.UserError, match="does not exist") as info:
+    reference_lib.read_reference(str(tmp_path / "nope.npz"), want_stats=True, want_features=False)
+  assert info.value.where == "--ref"
+  with pytest.raises(cli.UserError, match="no member 'x'") as info:
+    images_lib.open_images(str(nchw), key="x")
+  assert info.value.where == "--images_key"
+  floats = tmp_path / "floats.npy"
+  np.save(floats, np.zeros((2, 4, 4, 3), np.float32))
+  with pytest.raises(cli.UserError, match="not uint8"):
+    images_lib.open_images(str(floats))
+  with pytest.raises(cli.UserError, match="found only 3"):
+    images_lib.count_images(source, 4)
+  # launch.evaluate reaches the same functions (other tests and scripts import them from there).
+  from launch import evaluate as launch_evaluate  # pylint: disable=import-outside-toplevel
+  assert launch_evaluate.open_images is images_lib.open_images
+  assert launch_evaluate.read_reference is reference_lib.read_reference
 
 
 def test_cli_make_ref_on_npz_then_evaluate_folder(tmp_path, images, direct, pth_path, cli_env):
@@ -312,9 +362,12 @@ def test_cli_make_ref_on_npz_then_evaluate_folder(tmp_path, images, direct, pth_
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == record
   assert set(evaluator_lib.METRIC_KEYS) <= set(record)
   assert record["num_images"] == 6 and record["num_devices"] == 8
-  print(f"FID of the set against its own statistics: {record['fid']:.3g}")
-  # 6 images give a rank-5 covariance in 2048 dimensions: sqrtm of a singular product.
-  assert abs(record["fid"]) < 1e-2
+  print(f"FID of the set against its own statistics: {record['fid']:.3g}; {record['fid_warning']}")
+  # 6 images give a rank-5 covariance in 2048 dimensions: the FID is flagged as not meaningful, and the
+  # rounding of a set against its own statistics is not reported as a negative number.
+  assert 0.0 <= record["fid"] < 1e-2
+  assert "not meaningful" in record["fid_warning"] and "rank at most 5" in record["fid_warning"]
+  assert "not meaningful" in proc.stderr
   assert record["precision"] == 1.0 and record["recall"] == 1.0
   # The same images through the in-process Evaluator with the CLI's mesh and batch size take the CLI's
   # compiled path (one padded batch of 8 over 8 devices), so they give the CLI's numbers exactly.
@@ -357,6 +410,8 @@ def test_edm_family_fid_selection_metric(tmp_path, pth_path, images, direct):
 
   out = family.evaluate(None, sample, seed=0)
   assert calls == [(8, 0), (2, 8)] and out["num_images"] == 10
+  # Numbers only (the driver formats every value as a number); the too-few-images warning is logged.
+  assert all(isinstance(v, (int, float)) for v in out.values()), out
   want = fid_lib.frechet_distance(direct["pool3"].mean(0), np.cov(direct["pool3"], rowvar=False),
                                   ref_feats.mean(0), np.cov(ref_feats, rowvar=False))
   np.testing.assert_allclose(out["fid"], want, rtol=1e-6)
