@@ -11,18 +11,25 @@
 The subcommand is the first positional argument or --kind. `edm` reads an NVlabs/edm network pickle with an
 allowlist unpickler (the embedded module sources are hashed and compared with upstream, never executed) and writes
 DIR/params (Orbax {'params': ...}) and DIR/model.json. `export-edm` writes the EDMPrecond state dict of converted or
-DDO-tuned params, loadable in NVlabs/edm with `net.load_state_dict(...)`. Exit status 1 on any refusal or error, with
-the reason on stderr.
+DDO-tuned params, loadable in NVlabs/edm with `net.load_state_dict(...)`. A refusal or a mistake is one line
+`error: ...` on stderr with exit status 2 (--debug shows the traceback).
+
+Outputs are written to a temporary sibling (`.OUT.tmp-XXXXXXXX` folder, `.OUT.XXXXXXXX.tmp` file) and renamed into
+place; a kill can leave such siblings (and `.OUT.old-XXXXXXXX`, a replaced folder on its way out) behind. Each run
+first removes the ones next to --out that match these names exactly, and says so on stderr.
 """
 import json
 import os
 import pathlib
 import pickle
 import re
+import shutil
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
+
+from ddo_jax import cli
 
 KINDS = ("edm", "inception", "export-edm")
 
@@ -39,23 +46,19 @@ _DUMP_SOURCES = flags.DEFINE_bool("dump_sources", False,
                                   "(for diffing against upstream; never executed)")
 
 
-class _CliError(Exception):
-  """A user-facing error: printed without a traceback."""
-
-
 def _kind(argv) -> str:
   """The subcommand from the positional argument or --kind (they must agree)."""
   rest = argv[1:]
   if len(rest) > 1:
-    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+    raise cli.UserError(f"unexpected arguments {rest[1:]}", "command line", "flags are --name=value; see --help")
   positional = rest[0] if rest else None
   if positional is not None and positional not in KINDS:
-    raise app.UsageError(f"unknown subcommand {positional!r}; use one of {list(KINDS)}")
+    raise cli.UserError(f"unknown subcommand {positional!r}", "command line", f"use one of {list(KINDS)}")
   if positional and _KIND.value and positional != _KIND.value:
-    raise app.UsageError(f"subcommand {positional!r} contradicts --kind={_KIND.value}")
+    raise cli.UserError(f"subcommand {positional!r} contradicts --kind={_KIND.value}", "--kind", "give one of them")
   kind = positional or _KIND.value
   if kind is None:
-    raise app.UsageError(f"say what to convert: one of {list(KINDS)} (positional or --kind)")
+    raise cli.UserError("say what to convert", "command line", f"one of {list(KINDS)} (positional or --kind)")
   return kind
 
 
@@ -63,15 +66,15 @@ def _require(**values):
   """Usage error naming every required flag that is empty."""
   missing = [f"--{k}" for k, v in values.items() if not v]
   if missing:
-    raise app.UsageError(f"missing {', '.join(missing)}")
+    raise cli.UserError(f"missing {', '.join(missing)}", ", ".join(missing), "see --help")
 
 
 def _src_file(path: str) -> str:
   """``path`` if it is an existing file, else a user-facing error."""
   if not os.path.exists(path):
-    raise _CliError(f"{path}: no such file")
+    raise cli.UserError(f"{path}: no such file", "--src", "give the path of an existing file")
   if not os.path.isfile(path):
-    raise _CliError(f"{path}: not a file")
+    raise cli.UserError(f"{path}: not a file", "--src", "give the path of a file, not a folder")
   return path
 
 
@@ -163,11 +166,12 @@ def _load_for_export(src: str, model):
   from ddo_jax.convert import edm  # pylint: disable=import-outside-toplevel
   src_path = pathlib.Path(src)
   if not src_path.is_dir():
-    raise _CliError(f"{src}: no such folder")
+    raise cli.UserError(f"{src}: no such folder", "--src",
+                        "give a converted folder, a DDO round folder or an Orbax folder (with --model)")
   if model is None:
     if not (src_path / edm.MODEL_JSON).is_file():
-      raise _CliError(f"{src}: has no model.json; pass --model <converted dir or its model.json> to say which net "
-                      f"these params belong to")
+      raise cli.UserError(f"{src}: has no model.json", "--model",
+                          "pass --model <converted dir or its model.json> to say which net these params belong to")
     model = src_path
   config = edm.normalize_config(edm.read_model_json(model)["net"])
   orbax_dir = next((d for d in (src_path / edm.PARAMS_DIR, src_path / "chosen") if d.is_dir()), src_path)
@@ -182,7 +186,7 @@ def run_export(src: str, out: str, model, fmt, overwrite: bool) -> None:
   from ddo_jax.convert import edm  # pylint: disable=import-outside-toplevel
   fmt = edm.export_format(out, fmt)
   if os.path.exists(out) and not overwrite:
-    raise _CliError(f"{out} exists; pass --overwrite to replace it")
+    raise cli.UserError(f"{out} exists; pass --overwrite to replace it", "--out")
   params, config = _load_for_export(src, model)
   state_dict = edm.export_edm(params, config, out, fmt)
   print(f"wrote       {os.path.abspath(out)} ({fmt}; {len(state_dict)} tensors, EDMPrecond state_dict, "
@@ -208,25 +212,57 @@ def _dispatch(kind: str) -> None:
     run_export(_SRC.value, _OUT.value, _MODEL.value, _FORMAT.value, _OVERWRITE.value)
 
 
+# Names of the temporary siblings our writers leave when killed: ddo_jax.tree_io.write_dir_atomically
+# (tempfile.mkdtemp(prefix=".NAME.tmp-") and ".NAME.old-<8 hex>") and ddo_jax.convert.torch_write
+# (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")); tempfile's random part is 8 of [a-z0-9_].
+_STALE_PATTERNS = (r"\.{name}\.tmp-[a-z0-9_]{{8}}", r"\.{name}\.old-[0-9a-f]{{8}}", r"\.{name}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temporaries(out: str) -> list:
+  """Removes the temporary siblings of `out` that an interrupted convert left (only names matching our own
+  patterns exactly); says so on stderr and returns their paths."""
+  target = pathlib.Path(out).absolute()
+  if not target.parent.is_dir():
+    return []
+  patterns = [re.compile(p.format(name=re.escape(target.name))) for p in _STALE_PATTERNS]
+  removed = []
+  for entry in sorted(target.parent.iterdir()):
+    if not any(p.fullmatch(entry.name) for p in patterns):
+      continue
+    if entry.is_dir() and not entry.is_symlink():
+      shutil.rmtree(entry)
+    else:
+      entry.unlink()
+    print(f"removed {entry} (left by an interrupted convert)", file=sys.stderr)
+    removed.append(entry)
+  return removed
+
+
+def _one_line(e: BaseException) -> str:
+  """The exception's message on one line (multi-line reports joined with '; ')."""
+  return "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+
+
 def main(argv):
-  """Entry point: returns 0, or 1 with the reason on stderr."""
+  """Entry point: a refusal or mistake raises `cli.UserError` (one line on stderr, exit 2)."""
   kind = _kind(argv)
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
   from ddo_jax.convert import edm  # pylint: disable=import-outside-toplevel
+  if _OUT.value:
+    remove_stale_temporaries(_OUT.value)
   try:
     _dispatch(kind)
+  except cli.UserError:
+    raise
   except edm.ForbiddenGlobalError as e:
-    print(f"error: refused: forbidden global '{e.global_name}'. {e}", file=sys.stderr)
-    return 1
+    raise cli.UserError(f"refused: forbidden global '{e.global_name}'. {_one_line(e)}", "--src") from e
   except edm.UnsupportedCheckpointError as e:
-    print(f"error: wrong family or unsupported net: {e}", file=sys.stderr)
-    return 1
-  except (_CliError, FileNotFoundError, FileExistsError, edm.CheckpointFormatError, pickle.UnpicklingError,
+    raise cli.UserError(f"wrong family or unsupported net: {_one_line(e)}", "--src") from e
+  except (FileNotFoundError, FileExistsError, edm.CheckpointFormatError, pickle.UnpicklingError,
           ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    raise cli.UserError(_one_line(e)) from e
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, doc=__doc__)

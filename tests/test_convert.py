@@ -38,12 +38,21 @@ def pickle_state(pkl_path):
   return torch_pickle.module_state_dict(torch_pickle.load_persistence_pickle(pkl_path)["ema"])
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, umask=-1):
   """Runs ``python -m launch.convert ARGS`` in a subprocess on CPU; returns the CompletedProcess."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO))
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "launch.convert", *map(str, args)], cwd=cwd or _REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=120, umask=umask)
+
+
+def _one_error_line(proc) -> str:
+  """A refusal: exit 2, a single `error:` line (the last on stderr), no traceback."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr
+  return errors[0]
 
 
 def _assert_same_state(got, want):
@@ -150,8 +159,8 @@ def test_os_system_pickle_refused(tmp_path):
     edm.convert_edm_pickle(path)
   assert info.value.global_name == "os.system"
   proc = _cli("edm", "--src", path, "--out", tmp_path / "out")
-  assert proc.returncode != 0
-  assert "os.system" in proc.stderr and "refused" in proc.stderr, proc.stderr
+  line = _one_error_line(proc)
+  assert "refused: forbidden global 'os.system'" in line, line
   assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -272,7 +281,7 @@ def test_cli_edm_then_export(tmp_path, pkl_path, pickle_state):
 def test_cli_errors(tmp_path, converted):
   params, config, report = converted
   proc = _cli("edm", "--src", tmp_path / "nope.pkl", "--out", tmp_path / "o")
-  assert proc.returncode == 1 and "no such file" in proc.stderr
+  assert "no such file" in _one_error_line(proc)
 
   # Params against a net that differs: label_dim 0 (unexpected leaves), augment_dim 8 (shape), attention at 16x16
   # (missing leaves): the error names all three kinds.
@@ -284,15 +293,47 @@ def test_cli_errors(tmp_path, converted):
   other["model_kwargs"]["attn_resolutions"] = (8, 16)
   (tmp_path / "model.json").write_text(json.dumps({"family": "edm", "net": other, "source": report}))
   proc = _cli("export-edm", "--src", chosen, "--model", tmp_path / "model.json", "--out", tmp_path / "x.pt")
-  assert proc.returncode == 1, proc.stderr
+  line = _one_error_line(proc)
   for needle in ("missing leaves", "model/enc_16x16_block0/qkv/kernel", "unexpected leaves", "model/map_label/kernel",
                  "shape mismatches", "model/map_augment/kernel: got [9, 32] vs expected [8, 32]"):
-    assert needle in proc.stderr, (needle, proc.stderr)
+    assert needle in line, (needle, line)
   assert not (tmp_path / "x.pt").exists()
 
   (tmp_path / "model.json").write_text(json.dumps({"family": "inception-fid", "source": {}}))
   proc = _cli("export-edm", "--src", chosen, "--model", tmp_path / "model.json", "--out", tmp_path / "x.pt")
-  assert proc.returncode == 1 and "family 'inception-fid'" in proc.stderr
+  assert "family 'inception-fid'" in _one_error_line(proc)
+
+  assert "say what to convert" in _one_error_line(_cli("--src", chosen))
+  assert "(--out)" in _one_error_line(_cli("edm", "--src", tmp_path / "nope.pkl"))
+  proc = _cli("--help")
+  assert proc.returncode == 0 and "export-edm" in proc.stdout, proc.stderr
+
+
+def test_cli_removes_stale_temporaries_and_writes_plain_permissions(tmp_path, pkl_path):
+  """A killed convert leaves `.OUT.tmp-XXXXXXXX` / `.OUT.old-XXXXXXXX` folders and `.OUT.XXXXXXXX.tmp` files; the
+  next run removes exactly those (saying so) and leaves every other name alone. What it writes has the
+  permissions a plain open() / mkdir() gives under the umask (mkstemp/mkdtemp alone would give 0600 / 0700)."""
+  stale = [tmp_path / ".edm.tmp-ab_c1234", tmp_path / ".edm.old-0123abcd"]
+  for d in stale:
+    (d / "params").mkdir(parents=True)
+  stale.append(tmp_path / ".edm.x1y2z3w4.tmp")
+  stale[-1].write_bytes(b"half a file")
+  keep = [tmp_path / ".edm.tmp-mine", tmp_path / ".edmx.tmp-abcd1234", tmp_path / "edm.tmp-abcd1234",
+          tmp_path / ".edm.old-notahexx"]
+  for d in keep:
+    d.mkdir()
+  proc = _cli("edm", "--src", pkl_path, "--out", tmp_path / "edm", umask=0o022)
+  assert proc.returncode == 0, proc.stderr
+  for path in stale:
+    assert not path.exists() and f"removed {path} (left by an interrupted convert)" in proc.stderr, proc.stderr
+  assert all(p.exists() for p in keep)
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["edm"] + [p.name for p in keep])
+
+  proc = _cli("export-edm", "--src", tmp_path / "edm", "--out", tmp_path / "ddo.pt", umask=0o022)
+  assert proc.returncode == 0, proc.stderr
+  modes = {p: p.stat().st_mode & 0o777 for p in [tmp_path / "edm", tmp_path / "ddo.pt", *(tmp_path / "edm").rglob("*")]}
+  bad = {str(p): oct(m) for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)}
+  assert not bad, bad
 
 
 def test_cli_inception(tmp_path):
