@@ -273,3 +273,18 @@ def test_help_exits_zero_and_print_config_lists_variants_and_keys(tmp_path):
   assert "variants (--config FILE:VARIANT)" in shown.stdout and "tiny" in shown.stdout
   assert "alpha: 2.0" in shown.stdout and "eval_every: 8" in shown.stdout
   assert not (tmp_path / "w").exists()
+
+
+def test_resume_on_another_device_count_is_logged(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  workdir = tmp_path / "moved"
+  assert _run_killed_at(workdir, "checkpoint_saved:2") == -signal.SIGKILL      # round 1, step 8, 2 devices
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run(_cmd(workdir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resuming on 4 devices a state saved on 2" in out.stderr
+  # Round 1 went on from step 8 with another reduction order: equal to float32 rounding, not bitwise.
+  worst = max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30))
+              for x, y in zip(jax_leaves(_chosen_params(workdir, (1,))[0]), jax_leaves(_chosen_params(ref_dir, (1,))[0])))
+  print(f"round 1 chosen params, 4 vs 2 devices after step 8: max relative difference {worst:.2g}")
+  assert worst < 1e-4
