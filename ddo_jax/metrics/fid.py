@@ -174,10 +174,14 @@ def _sq_dists(u, v, dtype=jnp.float32):
   return jnp.maximum(nu[:, None] - 2 * uv + nv[None, :], 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "dtype"))
-def _merge_smallest(best, u, v, k, dtype):
-  """Running (k+1) smallest distances per row of u after seeing the columns v."""
+@functools.partial(jax.jit, static_argnames=("rows", "cols", "k", "dtype"))
+def _merge_smallest(best, u_all, r0, v_all, c0, n_valid, rows, cols, k, dtype):
+  """Running (k+1) smallest distances per row of the block u_all[r0:r0+rows] after seeing the columns
+  v_all[c0:c0+cols]; columns at or past `n_valid` (padding) are not neighbours."""
+  u = jax.lax.dynamic_slice_in_dim(u_all, r0, rows)
+  v = jax.lax.dynamic_slice_in_dim(v_all, c0, cols)
   d = _sq_dists(u, v, dtype)
+  d = jnp.where((c0 + jnp.arange(cols) < n_valid)[None, :], d, jnp.inf)
   both = jnp.concatenate([best, d], axis=1)
   neg, _ = jax.lax.top_k(-both, k + 1)
   return -neg
@@ -187,35 +191,47 @@ def _num_blocks(rows: int, cols: int, row_batch_size: int, col_batch_size: int) 
   return -(-rows // row_batch_size) * -(-cols // col_batch_size)
 
 
+def _padded(x: np.ndarray, block: int) -> jax.Array:
+  """`x` with zero rows appended up to a multiple of `block`, on the default device."""
+  pad = -x.shape[0] % block
+  return jnp.asarray(np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x)
+
+
 def manifold_radii(features, k: int = 3, row_batch_size: int = 4096,
                    col_batch_size: int = 4096, distance_dtype=jnp.float32,
                    tick: Optional[Callable[[int], None]] = None) -> np.ndarray:
   """Squared distance of every point to its k-th nearest neighbour in the same set [N].
 
   As the OpenAI evaluator: the (k+1)-th smallest entry of the point's distance row, whose smallest
-  entry is its zero distance to itself. `tick(n)` is called after each row block with the number of
-  distance blocks done (for a progress line).
+  entry is its zero distance to itself. The features go to the device once; the last row and column
+  blocks are padded to full size (padding masked out), so one program serves every block. `tick(n)` is
+  called after each row block with the number of distance blocks done (for a progress line).
   """
   features = np.asarray(features, np.float32)
   n = features.shape[0]
   if n <= k:
     raise ValueError(f"need more than k={k} points, got {n}")
+  rb, cb = min(row_batch_size, n), min(col_batch_size, n)
+  rows_all, cols_all = _padded(features, rb), _padded(features, cb)
   radii = np.empty((n,), np.float32)
-  for r0 in range(0, n, row_batch_size):
-    rows = jnp.asarray(features[r0:r0 + row_batch_size])
-    best = jnp.full((rows.shape[0], k + 1), jnp.inf, jnp.float32)
-    for c0 in range(0, n, col_batch_size):
-      best = _merge_smallest(best, rows, jnp.asarray(features[c0:c0 + col_batch_size]), k,
-                             distance_dtype)
-    radii[r0:r0 + rows.shape[0]] = np.asarray(best[:, k])
+  for r0 in range(0, n, rb):
+    best = jnp.full((rb, k + 1), jnp.inf, jnp.float32)
+    for c0 in range(0, n, cb):
+      best = _merge_smallest(best, rows_all, r0, cols_all, c0, n, rb, cb, k, distance_dtype)
+    radii[r0:r0 + rb] = np.asarray(best[:, k])[:min(rb, n - r0)]
     if tick is not None:
-      tick(_num_blocks(1, n, 1, col_batch_size))
+      tick(_num_blocks(1, n, 1, cb))
   return radii
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _within(a, radii_a, b, radii_b, dtype):
-  """(a_in [len(a)]: a within some b radius, b_in [len(b)]: b within some a radius)."""
+@functools.partial(jax.jit, static_argnames=("rows", "cols", "dtype"))
+def _within(a_all, radii_a_all, r0, b_all, radii_b_all, c0, rows, cols, dtype):
+  """For the blocks a = a_all[r0:r0+rows], b = b_all[c0:c0+cols]: (a_in [rows]: a within some b
+  radius, b_in [cols]: b within some a radius). Padding carries radius -1, so it is within nothing."""
+  a = jax.lax.dynamic_slice_in_dim(a_all, r0, rows)
+  radii_a = jax.lax.dynamic_slice_in_dim(radii_a_all, r0, rows)
+  b = jax.lax.dynamic_slice_in_dim(b_all, c0, cols)
+  radii_b = jax.lax.dynamic_slice_in_dim(radii_b_all, c0, cols)
   d = _sq_dists(a, b, dtype)
   a_in = jnp.any(d <= radii_b[None, :], axis=1)
   b_in = jnp.any(d <= radii_a[:, None], axis=0)
@@ -258,16 +274,18 @@ def precision_recall(ref_features, sample_features, k: int = 3, row_batch_size: 
 
   radii_ref = manifold_radii(ref, k, row_batch_size, col_batch_size, distance_dtype, tick)
   radii_gen = manifold_radii(gen, k, row_batch_size, col_batch_size, distance_dtype, tick)
-  gen_in = np.zeros((gen.shape[0],), bool)
-  ref_in = np.zeros((ref.shape[0],), bool)
-  for r0 in range(0, gen.shape[0], row_batch_size):
-    g = jnp.asarray(gen[r0:r0 + row_batch_size])
-    rg = jnp.asarray(radii_gen[r0:r0 + row_batch_size])
-    for c0 in range(0, ref.shape[0], col_batch_size):
-      g_in, r_in = _within(g, rg, jnp.asarray(ref[c0:c0 + col_batch_size]),
-                           jnp.asarray(radii_ref[c0:c0 + col_batch_size]), distance_dtype)
-      gen_in[r0:r0 + g.shape[0]] |= np.asarray(g_in)
-      ref_in[c0:c0 + col_batch_size] |= np.asarray(r_in)
+  ng, nr = gen.shape[0], ref.shape[0]
+  rb, cb = min(row_batch_size, ng), min(col_batch_size, nr)
+  gen_all, ref_all = _padded(gen, rb), _padded(ref, cb)
+  radii_gen_all = _padded(radii_gen, rb).at[ng:].set(-1.0)
+  radii_ref_all = _padded(radii_ref, cb).at[nr:].set(-1.0)
+  gen_in = np.zeros((gen_all.shape[0],), bool)
+  ref_in = np.zeros((ref_all.shape[0],), bool)
+  for r0 in range(0, ng, rb):
+    for c0 in range(0, nr, cb):
+      g_in, r_in = _within(gen_all, radii_gen_all, r0, ref_all, radii_ref_all, c0, rb, cb, distance_dtype)
+      gen_in[r0:r0 + rb] |= np.asarray(g_in)
+      ref_in[c0:c0 + cb] |= np.asarray(r_in)
       if tick is not None:
         tick(1)
-  return float(gen_in.mean()), float(ref_in.mean())
+  return float(gen_in[:ng].mean()), float(ref_in[:nr].mean())
