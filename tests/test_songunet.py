@@ -208,3 +208,126 @@ def test_resampling_matches_torch_semantics(filt):
     xj = jnp.asarray(x, jnp.float32)
     np.testing.assert_array_equal(np.asarray(songunet.upsample(xj, filt)),
                                   np.repeat(np.repeat(np.asarray(xj), 2, 1), 2, 2))
+
+
+# --- the fast paths keep upstream's arithmetic -------------------------------------------------------------
+
+def _gn_plain(x, scale, bias, groups, eps, silu):
+  """GroupNorm (+ SiLU) written out plainly (autodiff reference for the fused custom-VJP op)."""
+  xg = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  mean = jnp.mean(xg, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+  y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
+  return y * jax.nn.sigmoid(y) if silu else y
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_value_and_gradient_against_float64(silu):
+  rng = np.random.RandomState(0)
+  x = (rng.randn(3, 8, 8, 64) * 2 + 0.5).astype(np.float32)
+  x[1] += 20.0                                            # a sample with a large mean (cancellation test)
+  scale = (1 + 0.1 * rng.randn(64)).astype(np.float32)
+  bias = (0.1 * rng.randn(64)).astype(np.float32)
+  ct = rng.randn(3, 8, 8, 64).astype(np.float32)
+  f = lambda x, s, b: jnp.sum(songunet.group_norm(x, s, b, 16, 1e-6, silu) * ct)
+  got_y = np.asarray(songunet.group_norm(jnp.asarray(x), scale, bias, 16, 1e-6, silu))
+  got_g = jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+  with jax.enable_x64(True):
+    a64 = [jnp.asarray(v.astype(np.float64)) for v in (x, scale, bias, ct)]
+    want_y = np.asarray(_gn_plain(*a64[:3], 16, 1e-6, silu))
+    want_g = jax.grad(lambda x, s, b: jnp.sum(_gn_plain(x, s, b, 16, 1e-6, silu) * a64[3]),
+                      argnums=(0, 1, 2))(*a64[:3])
+  assert np.max(np.abs(got_y - want_y)) < 1e-5
+  for g, w in zip(got_g, want_g):
+    w = np.asarray(w)
+    assert np.max(np.abs(np.asarray(g) - w)) <= 1e-5 * max(1.0, np.max(np.abs(w))), (silu, np.max(np.abs(w)))
+
+
+def test_group_norm_module_equals_plain_formula_float32():
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(2, 4, 4, 32).astype(np.float32))
+  gn = songunet.GroupNorm(silu=True)
+  v = gn.init(jax.random.PRNGKey(0), x)
+  v = {"params": {"scale": jnp.asarray(rng.randn(32).astype(np.float32)),
+                  "bias": jnp.asarray(rng.randn(32).astype(np.float32))}}
+  got = gn.apply(v, x)
+  want = _gn_plain(x, v["params"]["scale"], v["params"]["bias"], 8, songunet.NORM_EPS, True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.parametrize("filt", [(1, 1), (2, 2)])
+def test_box_resampling_equals_the_convolution_path(filt):
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 6, 8, 5).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(songunet.upsample(x, filt)),
+                                np.asarray(songunet._upsample_conv(x, filt)))
+  np.testing.assert_allclose(np.asarray(songunet.downsample(x, filt)),
+                             np.asarray(songunet._downsample_conv(x, filt)), rtol=0, atol=1e-6)
+  odd = x[:, :5]  # odd height: the convolution path (floor division of the size, as torch)
+  assert songunet.downsample(odd, filt).shape == (2, 2, 4, 5)
+  np.testing.assert_array_equal(np.asarray(songunet.downsample(odd, filt)),
+                                np.asarray(songunet._downsample_conv(odd, filt)))
+
+
+def test_upsampling_skip_runs_at_low_resolution_with_the_same_values():
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 4, 4, 6).astype(np.float32))
+  conv = songunet.Conv2d(5, 1, up=True)
+  v = conv.init(jax.random.PRNGKey(0), x)
+  v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.arange(5, dtype=jnp.float32)}}
+  got = conv.apply(v, x)
+  k = v["params"]["kernel"]
+  want = jax.lax.conv_general_dilated(songunet._upsample_conv(x, (1, 1)), k, (1, 1), ((0, 0), (0, 0)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_qkv_split_equals_upstream_channel_order():
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(2, 3, 3, 8).astype(np.float32))
+  for heads in (1, 2):
+    m = songunet.QKV(8, heads)
+    v = {"params": {"kernel": jnp.asarray(rng.randn(1, 1, 8, 24).astype(np.float32)),
+                    "bias": jnp.asarray(rng.randn(24).astype(np.float32))}}
+    q, k, vv = m.apply(v, x)
+    full = jnp.einsum("nhwc,co->nhwo", x, v["params"]["kernel"][0, 0]) + v["params"]["bias"]
+    full = np.asarray(full).reshape(2, 3, 3, heads, 8 // heads, 3)   # (head, c, {q, k, v}) as upstream
+    for i, t in enumerate((q, k, vv)):
+      np.testing.assert_allclose(np.asarray(t), full[..., i].reshape(2, 3, 3, 8), rtol=1e-6, atol=1e-6)
+
+
+def _with_model_kwargs(config, **kw):
+  return dict(config, model_kwargs=dict(config["model_kwargs"], **kw))
+
+
+def test_remat_option_same_values_and_gradients(cond):
+  config, params, io = cond
+  x, sigma = _nhwc(io["x"]), jnp.asarray(io["sigma"])
+  labels = jnp.asarray(io["class_labels"])
+  outs, grads = [], []
+  for remat in (False, True):
+    net = edm_precond.build_precond(_with_model_kwargs(config, remat=remat))
+    f = lambda p: jnp.sum(net.apply({"params": p}, x, sigma, labels) ** 2)
+    outs.append(np.asarray(net.apply({"params": params}, x, sigma, labels)))
+    grads.append(jax.grad(f)(params))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))
+
+
+def test_bfloat16_option_runs_close_to_float32(cond):
+  config, params, io = cond
+  x, sigma = _nhwc(io["x"]), jnp.asarray(io["sigma"])
+  labels = jnp.asarray(io["class_labels"])
+  net = edm_precond.build_precond(_with_model_kwargs(config, compute_dtype="bfloat16"))
+  f = net.apply({"params": params}, x, sigma, labels, method="raw")
+  assert f.dtype == jnp.float32
+  want = _nhwc(io["F"])
+  err = float(jnp.max(jnp.abs(f - want)) / jnp.max(jnp.abs(want)))
+  print("bfloat16 F: max abs error relative to max|F|", err)
+  assert err < 0.1, err
+  assert jax.tree_util.tree_structure(
+      jax.eval_shape(net.init, jax.random.PRNGKey(0), x, sigma, labels)["params"]) == \
+      jax.tree_util.tree_structure(params)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    edm_precond.build_precond(_with_model_kwargs(config, compute_dtype="float16")).apply(
+        {"params": params}, x, sigma, labels)
