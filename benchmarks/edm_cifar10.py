@@ -105,6 +105,13 @@ def _flops(compiled) -> float:
     return 0.0
 
 
+def _device_stats(dev) -> dict:
+  try:
+    return dev.memory_stats() or {}
+  except Exception:
+    return {}
+
+
 def _median(v):
   v = sorted(v)
   n = len(v)
@@ -250,6 +257,9 @@ def main(argv=None):
       out["step_mfu"] = round(out["step_flops"] / med / (a.peak_tflops * 1e12), 4)
     _log(f"DDO step, {b} real + {b} fake: compile {out['compile_s']:.1f} s ({out['compile_cache_result']}), "
          f"median {med:.4f} s, {b / med:.2f} real images/s, {out['step_flops'] / 1e9:.1f} GFLOP/step")
+    step_stats = _device_stats(dev)
+    if "peak_bytes_in_use" in step_stats:
+      out["step_device_peak_mib"] = _mib(step_stats["peak_bytes_in_use"])
     params = state["params"]
     del ref, batch, m
 
@@ -309,11 +319,7 @@ def main(argv=None):
     if sweep:
       out["sampler_sweep"] = sweep
 
-  stats = {}
-  try:
-    stats = dev.memory_stats() or {}
-  except Exception:
-    pass
+  stats = _device_stats(dev)
   if "peak_bytes_in_use" in stats:
     out["device_peak_mib"] = _mib(stats["peak_bytes_in_use"])
   out["peak_rss_mib"] = _rss_mib()

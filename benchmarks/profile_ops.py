@@ -37,6 +37,30 @@ def kind_of(name: str, hlo_kinds: dict) -> str:
   return "other"
 
 
+def hlo_phases(text: str) -> dict:
+  """instruction name -> phase, from the op_name metadata of an HLO text dump: 'backward' (transpose(...)),
+  'forward' (jvp(...)), 'reference' (the network outside jvp), 'optimizer/other'."""
+  phases = {}
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if not m:
+      continue
+    op = re.search(r'op_name="([^"]*)"', line)
+    op = op.group(1) if op else ""
+    if "transpose(" in op:
+      ph = "backward"
+    elif "jvp(" in op and ("Precond" in op or "model" in op):
+      ph = "forward (trained net)"
+    elif "Precond" in op or "/model/" in op:
+      ph = "reference net"
+    elif op:
+      ph = "optimizer/loss/other"
+    else:
+      ph = "no metadata"
+    phases.setdefault(m.group(1), ph)
+  return phases
+
+
 def hlo_fusion_kinds(text: str) -> dict:
   """fusion name -> 'fusion:<root opcode>' from an HLO text dump."""
   comps, kinds = {}, {}
@@ -65,8 +89,11 @@ def main():
   a = ap.parse_args()
   ev = load_events(a.trace_dir)
   threads = {e["tid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  hlo_kinds = hlo_fusion_kinds(open(a.hlo).read()) if a.hlo else {}
+  hlo_text = open(a.hlo).read() if a.hlo else ""
+  hlo_kinds = hlo_fusion_kinds(hlo_text) if a.hlo else {}
+  phases = hlo_phases(hlo_text) if a.hlo else {}
   by_name, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
+  by_phase, phase_count = collections.Counter(), collections.Counter()
   skip = re.compile(r"^\$|ThunkExecutor|Execute|PjRt|ThreadpoolListener|Handle |Allocate|CreateOutputs|"
                     r"ParseArguments|PjitFunction|CollectGarbage|TaskRunner|ExecuteThunks")
   for e in ev:
@@ -79,11 +106,18 @@ def main():
     by_name[name] += e["dur"]
     count[name] += 1
     by_kind[kind_of(name, hlo_kinds)] += e["dur"]
+    ph = phases.get(name, "?")
+    by_phase[ph] += e["dur"]
+    phase_count[ph] += 1
   total = sum(by_name.values()) or 1.0
   print(f"op time on XLA threads: {total / 1e3:.1f} ms in {sum(count.values())} op events")
   print("by kind:")
   for k, t in by_kind.most_common():
     print(f"  {k:28s} {t / 1e3:9.1f} ms  {100 * t / total:5.1f} %")
+  if phases:
+    print("by phase (from the HLO's op_name metadata):")
+    for k, t in by_phase.most_common():
+      print(f"  {k:28s} {t / 1e3:9.1f} ms  {100 * t / total:5.1f} %  {phase_count[k]} op events")
   print(f"top {a.top} ops:")
   for n, t in by_name.most_common(a.top):
     print(f"  {n[:60]:60s} {t / 1e3:9.1f} ms  {100 * t / total:5.1f} %  x{count[n]}")
