@@ -53,9 +53,8 @@ from absl import flags
 import numpy as np
 
 from ddo_jax import cli
-# The library functions this command calls (also reachable as launch.evaluate.<name>).
-from ddo_jax.data.images import ImageSource, open_images, to_nhwc_rgb  # noqa: F401
-from ddo_jax.metrics.reference import Reference, parse_metrics, read_reference  # noqa: F401
+from ddo_jax.data.images import open_images
+from ddo_jax.metrics.reference import parse_metrics
 
 _IMAGES = flags.DEFINE_string("images", None, "folder of images, EDM dataset .zip, or .npz/.npy "
                               "of uint8 images")

@@ -18,12 +18,14 @@ Each sampler call holds --batch_size seeds, except the last, which holds what is
 images than asked, beyond rounding up to a multiple of the device count. A progress line (rate, ETA)
 follows every call; the first call includes compiling the sampler.
 
-OUTDIR/sample_settings.json records what made the images (the model's path and the sha256 of its
-model.json and parameters, steps, labels, float64, the sampler's settings, the seed lists); it is written
-before the first image, and a rerun whose settings would make other images is refused (use another
---outdir or delete it). Mistakes are one line `error: ...` with exit code 2; --debug shows the traceback.
+OUTDIR/sample_settings.json records what made the images (the model's path, the sha256 of its model.json
+and of its parameters' checksums, labels, float64, the sampler's settings such as its steps, the seed
+lists); it is written before the first image, and a rerun whose settings would make other images is
+refused (use another --outdir or delete it). Mistakes are one line `error: ...` with exit code 2; --debug
+shows the traceback.
 """
 import hashlib
+import json
 import pathlib
 import re
 
@@ -85,13 +87,15 @@ def _check_flags() -> list:
 
 def settings_of(family, params, model_dir) -> dict:
   """What makes the images of this run (see the module docstring); all but 'model' must match on a rerun."""
-  from ddo_jax.data import images  # pylint: disable=import-outside-toplevel
+  from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
   from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
   model_dir = pathlib.Path(model_dir)
   return {
       "model": str(model_dir.absolute()),
       "model_json_sha256": hashlib.sha256((model_dir / "model.json").read_bytes()).hexdigest(),
-      "params_sha256": images.tree_sha256(params),
+      # sha256 of the per-leaf checksums (tree_io.tree_checksum: dtype, shape, crc32 of the bytes).
+      "params_checksum": hashlib.sha256(json.dumps(tree_io.tree_checksum(params), sort_keys=True).encode()
+                                        ).hexdigest(),
       "image_shape": list(family.sample_shape),
       "label_dim": family.label_dim,
       "labels": _LABELS.value if family.label_dim else None,

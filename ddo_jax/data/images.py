@@ -22,7 +22,6 @@ the flag (`where`), printed by the command line tools as one line.
 """
 import collections
 import concurrent.futures
-import hashlib
 import json
 import math
 import os
@@ -382,23 +381,6 @@ def pending_seeds(outdir, seeds: Sequence[int], shape: Optional[Sequence[int]] =
   """The seeds (each once, in order) whose PNG is missing or does not decode (a truncated file from a
   killed run), so they are generated again."""
   return [s for s in dict.fromkeys(seeds) if not png_is_complete(png_path(outdir, s), shape)]
-
-
-def tree_sha256(tree) -> str:
-  """sha256 over the leaves of a nested dict of arrays (sorted paths, dtype, shape and bytes)."""
-  h = hashlib.sha256()
-
-  def visit(prefix, node):
-    if isinstance(node, Mapping):
-      for k in sorted(node):
-        visit(f"{prefix}/{k}", node[k])
-    else:
-      a = np.ascontiguousarray(np.asarray(node))
-      h.update(f"{prefix} {a.dtype} {list(a.shape)}\n".encode())
-      h.update(memoryview(a).cast("B"))
-
-  visit("", tree)
-  return h.hexdigest()
 
 
 def check_settings(outdir, settings: Mapping, seeds_spec: str, ignore: Sequence[str] = ("model",),
