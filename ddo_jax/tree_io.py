@@ -172,7 +172,7 @@ def write_dir_atomically(out_dir, trees: Mapping[str, Any], meta: Mapping[str, A
     for name, tree in trees.items():
       save_tree(tmp / name, tree)
     (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o777 & ~utils.current_umask())   # mkdtemp makes 0700
     if out.is_dir() and any(out.iterdir()):
       trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
       os.replace(out, trash)

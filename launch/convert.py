@@ -247,6 +247,7 @@ def main(argv):
   """Entry point: a refusal or mistake raises `cli.UserError` (one line on stderr, exit 2)."""
   kind = _kind(argv)
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+  from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
   from ddo_jax.convert import edm  # pylint: disable=import-outside-toplevel
   if _OUT.value:
     remove_stale_temporaries(_OUT.value)
@@ -258,6 +259,9 @@ def main(argv):
     raise cli.UserError(f"refused: forbidden global '{e.global_name}'. {_one_line(e)}", "--src") from e
   except edm.UnsupportedCheckpointError as e:
     raise cli.UserError(f"wrong family or unsupported net: {_one_line(e)}", "--src") from e
+  except tree_io.CorruptCheckpointError as e:
+    raise cli.UserError(f"damaged checkpoint: {_one_line(e)}", "--src",
+                        "convert or export from an intact copy (its checksum.json no longer matches)") from e
   except (FileNotFoundError, FileExistsError, edm.CheckpointFormatError, pickle.UnpicklingError,
           ValueError) as e:
     raise cli.UserError(_one_line(e)) from e

@@ -174,5 +174,6 @@ def test_sample_resume_settings_and_npz_labels(tmp_path, model):
   with np.load(out64 / "samples.npz") as f:
     np.testing.assert_array_equal(f["labels"], classes(True))
     np.testing.assert_array_equal(f["seeds"], seeds)
-  assert not np.array_equal(classes(True), classes(False))
+  # A seed's random label does not depend on the precision mode (int32 draws under x64 too).
+  np.testing.assert_array_equal(classes(True), classes(False))
   np.testing.assert_array_equal(first["labels"], classes(False)[:4])

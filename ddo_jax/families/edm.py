@@ -105,7 +105,9 @@ class EDM(Family):
     if self.config.labels == "balanced":
       cls = seeds % self.label_dim
     else:
-      cls = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.label_dim))(keys)
+      # int32 always: a seed's label must not depend on the sampler's precision mode (x64 for float64).
+      cls = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.label_dim,
+                                                  dtype=jnp.int32))(keys)
     return jax.nn.one_hot(cls, self.label_dim, dtype=jnp.float32)
 
   def sample(self, params, keys, seeds, dtype=jnp.float32):
