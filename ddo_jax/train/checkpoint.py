@@ -42,8 +42,9 @@ class RoundCheckpoints:
   def _open(self):
     options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=self.async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "history"))
+    # No `item_names` (deprecated in Orbax's CheckpointManager): the items ('state', 'data', 'history') and
+    # their handlers come from the Composite args of every save/restore, through the default registry.
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
