@@ -46,6 +46,8 @@ def _args(argv=None):
   ap.add_argument("--batch", type=int, default=8, help="real images per step (plus as many fakes)")
   ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
   ap.add_argument("--skip_step", action="store_true", help="only the sampler")
+  ap.add_argument("--compile_only", action="store_true",
+                  help="compile the step, report XLA's buffers and FLOPs, run nothing")
   ap.add_argument("--sampler_batch", type=int, default=8)
   ap.add_argument("--sample_batch", type=int, dest="sampler_batch", help=argparse.SUPPRESS)  # old name
   ap.add_argument("--sampler_reps", type=int, default=1, help="timed sampler calls after one warm-up call")
@@ -68,6 +70,8 @@ def _args(argv=None):
   ap.add_argument("--remat", action="store_true", help="SongUNet rematerialises each UNet block")
   ap.add_argument("--peak_tflops", type=float, default=0.0,
                   help="the device's peak TFLOP/s for the MFU fields (0 = no MFU)")
+  ap.add_argument("--no_trim", action="store_true",
+                  help="skip compile_cache.release_compile_memory() (malloc_trim) after compiling")
   ap.add_argument("--profile_dir", default="", help="write a jax.profiler trace of 2 timed steps here")
   ap.add_argument("--hlo_dump", default="", help="write the compiled step's HLO text here")
   ap.add_argument("--json", action="store_true", help="(accepted for symmetry; the JSON line is always printed)")
@@ -84,6 +88,17 @@ def _mib(n) -> float:
 
 def _rss_mib() -> float:
   return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _rss_now_mib() -> float:
+  """Current resident set size (VmRSS), MiB; 0 where /proc is missing."""
+  try:
+    for line in open("/proc/self/status"):
+      if line.startswith("VmRSS:"):
+        return round(int(line.split()[1]) / 1024)
+  except OSError:
+    pass
+  return 0
 
 
 def _buffers(compiled) -> dict:
@@ -224,20 +239,30 @@ def main(argv=None):
     compiled = step.lower(abstract_state, shapes, abstract_batch).compile()
     out["compile_s"] = round(time.perf_counter() - t0, 3)
     out["compile_cache_result"] = events.since(before)
-    out["rss_after_compile_mib"] = _rss_mib()
+    out["peak_rss_compile_mib"] = _rss_mib()
+    out["rss_after_compile_mib"] = _rss_now_mib()
+    if not a.no_trim:
+      compile_cache.release_compile_memory()
+      out["rss_after_trim_mib"] = _rss_now_mib()
     out["step_buffers"] = _buffers(compiled)
     out["step_flops"] = _flops(compiled)
     if a.hlo_dump:
       pathlib.Path(a.hlo_dump).write_text(compiled.as_text())
+    if a.compile_only:
+      out["peak_rss_mib"] = _rss_mib()
+      print(json.dumps(out), flush=True)
+      return out
 
     ref = jax.device_put(jax.tree_util.tree_map(
         lambda s: (0.02 * rng.standard_normal(s.shape, dtype=np.float32)), shapes), param_sh)
     state = jax.jit(init, out_shardings=state_sh)(ref, jax.random.key(1))
     batch = parallel.global_batch(host_batch, mesh)
+    out["rss_after_init_mib"] = _rss_now_mib()
     t0 = time.perf_counter()
     state, m = compiled(state, ref, batch)
     float(m["loss"])
     out["warmup_s"] = round(time.perf_counter() - t0, 3)
+    out["rss_after_warmup_mib"] = _rss_now_mib()
     wall, cpu = [], []
     for i in range(a.steps):
       if a.profile_dir and i == a.steps - 2:
@@ -251,7 +276,8 @@ def main(argv=None):
       jax.profiler.stop_trace()
     med = _median(wall)
     out.update(step_s=[round(t, 4) for t in wall], step_min=round(min(wall), 4), step_median=round(med, 4),
-               step_cpu_s=[round(t, 3) for t in cpu], real_images_per_s=round(b / med, 4), loss=loss)
+               step_cpu_s=[round(t, 3) for t in cpu], real_images_per_s=round(b / med, 4), loss=loss,
+               peak_rss_step_mib=_rss_mib())
     if a.peak_tflops:
       out["step_tflops_per_s"] = round(out["step_flops"] / med / 1e12, 3)
       out["step_mfu"] = round(out["step_flops"] / med / (a.peak_tflops * 1e12), 4)

@@ -331,3 +331,18 @@ def test_bfloat16_option_runs_close_to_float32(cond):
   with pytest.raises(ValueError, match="compute_dtype"):
     edm_precond.build_precond(_with_model_kwargs(config, compute_dtype="float16")).apply(
         {"params": params}, x, sigma, labels)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_nhwc_value_and_gradient_are_the_plain_convolution(k):
+  rng = np.random.RandomState(5)
+  x = jnp.asarray(rng.randn(2, 6, 6, 4).astype(np.float32))
+  w = jnp.asarray(rng.randn(k, k, 4, 5).astype(np.float32))
+  ct = jnp.asarray(rng.randn(2, 6, 6, 5).astype(np.float32))
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((k // 2, k // 2),) * 2,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(np.asarray(songunet.conv_nhwc(x, w)), np.asarray(plain(x, w)), rtol=1e-6, atol=1e-6)
+  got = jax.jit(jax.grad(lambda x, w: jnp.sum(songunet.conv_nhwc(x, w) * ct), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(lambda x, w: jnp.sum(plain(x, w) * ct), argnums=(0, 1)))(x, w)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-6, atol=1e-6)

@@ -124,6 +124,52 @@ class Linear(nn.Module):
     return y
 
 
+def _conv_nhwc_plain(x: Array, kernel: Array) -> Array:
+  k = kernel.shape[0]
+  if k == 1:
+    # A 1x1 conv is a matmul over the channels: a dot (no convolution layouts).
+    return jax.lax.dot_general(x, kernel.reshape(kernel.shape[2:]), (((x.ndim - 1,), (0,)), ((), ())))
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2), (k // 2, k // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def conv_nhwc(x: Array, kernel: Array) -> Array:
+  """Stride-1 'same' convolution NHWC x HWIO (a dot for 1x1), differentiated as usual except for *when*.
+
+  On CPU, XLA computes the kernel gradient from transposed copies of the saved input, and the input
+  gradient from a re-laid-out copy of the kernel; left alone, its scheduler makes those copies as soon as
+  the forward values exist, so all of them are live at the start of the backward pass (0.67 GiB of the
+  2.41 GiB of temporaries of the full-size DDO step at batch 8 + 8). Here the saved input and kernel enter
+  the backward as x + 0 * g[0, ..., 0], which ties them to the incoming gradient (XLA does not fold a float
+  multiply by zero): each copy is made only when its gradient is computed. The values are those of the
+  plain convolution's VJP (x + 0 * finite = x). On other backends (no such copies) the tie is left out.
+  (jax.checkpoint-style optimization barriers would say the same, but XLA's CPU pipeline drops them.)
+  """
+  return _conv_nhwc_plain(x, kernel)
+
+
+def _conv_nhwc_fwd(x, kernel):
+  return _conv_nhwc_plain(x, kernel), (x, kernel)
+
+
+def _tie_to(tree, g):
+  """tree + 0 * g[0, ..., 0] on CPU (the same values, computed only once g exists); tree elsewhere."""
+  if jax.default_backend() != "cpu":
+    return tree
+  zero = g[(0,) * g.ndim] * 0
+  return jax.tree_util.tree_map(lambda a: a + zero.astype(a.dtype), tree)
+
+
+def _conv_nhwc_bwd(res, g):
+  _, vjp = jax.vjp(_conv_nhwc_plain, *_tie_to(res, g))
+  return vjp(g)
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
 class Conv2d(nn.Module):
   """Upstream Conv2d (non-fused path), NHWC: optional 2x up/down resampling, then a k x k conv, then bias.
 
@@ -156,14 +202,8 @@ class Conv2d(nn.Module):
       x = upsample(x, self.resample_filter)
     if self.down:
       x = downsample(x, self.resample_filter)
-    if k == 1:
-      # A 1x1 conv is a matmul over the channels: a dot (no convolution layouts, no transposes for the
-      # kernel gradient).
-      x = jax.lax.dot_general(x, kernel.reshape(cin, self.features), (((x.ndim - 1,), (0,)), ((), ())))
-    elif k:
-      x = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2), (k // 2, k // 2)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if k:
+      x = conv_nhwc(x, kernel)
     if k and self.use_bias:
       x = x + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
     if up_after:
