@@ -73,7 +73,10 @@ def get_config(arg: str = "cond"):
       eval=dict(inception="", ref_stats="", num_samples=50_000, batch_size=500),
   )
   c.mesh = dict(data=-1, fsdp=1)
-  c.sharding_rules = [(".*", "replicate")]      # 56M parameters: plain data parallelism
+  # How the train step is split over the mesh: 'jit' (XLA partitions the global step) or 'shard_map' (an
+  # explicit per-device program; the same results to float32 rounding). ddo_jax/train/step.py.
+  c.step_impl = "jit"
+  c.sharding_rules = ((".*", "replicate"),)      # 56M parameters: plain data parallelism
   c.init = dict(kind="checkpoint", checkpoint="")  # a folder written by launch.convert
   c.pretrain = dict(steps=1, batch_size=1, optim=dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
                                                         warmup_steps=0, clip_norm=0.0))  # unused

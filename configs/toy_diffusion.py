@@ -26,7 +26,10 @@ def get_config(arg: str = ""):
       sampler=dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0),  # EDM Heun, 35 NFE
   )
   c.mesh = dict(data=-1, fsdp=1)
-  c.sharding_rules = [(".*", "replicate")]
+  # How the train step is split over the mesh: 'jit' (XLA partitions the global step) or 'shard_map' (an
+  # explicit per-device program; the same results to float32 rounding). ddo_jax/train/step.py.
+  c.step_impl = "jit"
+  c.sharding_rules = ((".*", "replicate"),)
 
   c.init = dict(kind="pretrain", checkpoint="")
   c.pretrain = dict(steps=10_000, batch_size=512,

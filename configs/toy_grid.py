@@ -20,7 +20,10 @@ def get_config(arg: str = ""):
   c.family = "toy_grid"
   c.model = dict(num_train=100_000)
   c.mesh = dict(data=-1, fsdp=1)
-  c.sharding_rules = [(".*", "replicate")]
+  # How the train step is split over the mesh: 'jit' (XLA partitions the global step) or 'shard_map' (an
+  # explicit per-device program; the same results to float32 rounding). ddo_jax/train/step.py.
+  c.step_impl = "jit"
+  c.sharding_rules = ((".*", "replicate"),)
   c.init = dict(kind="pretrain", checkpoint="")
   c.pretrain = dict(steps=500, batch_size=1024,
                     optim=dict(name="adam", lr=0.05, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, clip_norm=0.0))

@@ -116,3 +116,88 @@ def test_mesh_and_rule_errors():
     parallel.param_shardings({"a": jnp.zeros(4)}, parallel.make_mesh(), [(".*", "tensor")])
   with pytest.raises(ValueError, match="divisible by the number of batch shards"):
     parallel.check_batch_divisible(12, parallel.make_mesh())
+
+
+def _run_impl(mesh, batches, rules, impl):
+  """`_run` with the step implementation `impl` ('jit' or 'shard_map')."""
+  config = toy_diffusion.get_config("tiny")
+  family = families.make(config)
+  tx = optim.make_optimizer(config.optim)
+  specs = {"ema": dict(kind="halflife", halflife_kimg=0.5, rampup_ratio=0.05)}
+  params = family.init_params(jax.random.key(0))
+  init = functools.partial(step_lib.init_state, tx=tx, ema_specs=specs)
+  shardings = parallel.param_shardings(jax.eval_shape(init, params, jax.random.key(0)), mesh, rules)
+  param_sh = parallel.param_shardings(params, mesh, rules)
+  state = jax.jit(init, out_shardings=shardings)(params, jax.random.key(1))
+  ref = jax.device_put(jax.tree_util.tree_map(lambda p: p * 1.01, params), param_sh)
+  fn = step_lib.make_ddo_step(family, tx, specs, alpha=2.0, beta=1.0, batch_size=64, mesh=mesh,
+                              shardings=shardings, ref_shardings=param_sh,
+                              schedule=optim.make_schedule(config.optim), impl=impl)
+  metrics = []
+  for b in batches:
+    state, m = fn(state, ref, parallel.global_batch(b, mesh))
+    metrics.append({k: float(v) for k, v in m.items()})
+  assert fn.num_traces() == 1
+  for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:   # shardings kept
+    assert x.sharding.spec == param_sh_leaf(param_sh, path).spec
+  return jax.tree_util.tree_map(np.asarray, {k: v for k, v in state.items() if k != "rng"}), metrics
+
+
+def param_sh_leaf(tree, path):
+  for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if p == path:
+      return s
+  raise KeyError(path)
+
+
+@pytest.mark.parametrize("data,fsdp,rule", [(-1, 1, "replicate"), (4, 2, "fsdp"), (1, 8, "fsdp")])
+def test_shard_map_step_equals_jit_step(data, fsdp, rule):
+  """config.step_impl='shard_map' (explicit per-device gaps and loss, pmean'd gradients, FSDP parameters
+  all-gathered by hand) gives the jit-partitioned step's parameters, EMAs, optimizer state and metrics to
+  float32 rounding: the same noise (each device draws its slice of the global draw), only the order of the
+  cross-device sums differs."""
+  mesh = parallel.make_mesh(data=data, fsdp=fsdp)
+  rules = ((".*", rule),)
+  batches = _batches(3)
+  a, ma = _run_impl(mesh, batches, rules, "jit")
+  b, mb = _run_impl(mesh, batches, rules, "shard_map")
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
+  for x, y in zip(ma, mb):
+    for k in x:
+      np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  assert ma[0]["gap_real"] != 0.0   # the reference differs from the target: gaps (and noise) are compared
+
+
+def test_batch_shard_keys_give_each_device_its_slice_of_the_global_draw():
+  mesh = parallel.make_mesh()
+  key = jax.random.key(7)
+  n = 3
+
+  def per_device(k):
+    shard = jax.lax.axis_index("data") * mesh.shape["fsdp"] + jax.lax.axis_index("fsdp")
+    k = step_lib._batch_shard_keys(k, 8, shard)
+    k1, k2 = jax.random.split(jax.random.fold_in(k, 5))
+    return (jax.random.normal(k1, (n, 2)), jax.random.uniform(k2, (n,)),
+            jax.lax.pmax(jax.random.normal(k2, ()), parallel.BATCH_AXES))
+
+  P = jax.sharding.PartitionSpec
+  rows = P(parallel.BATCH_AXES)
+  normal, uniform, scalar = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(),
+                                                  out_specs=(rows, rows, P())))(key)
+  k1, k2 = jax.random.split(jax.random.fold_in(key, 5))
+  np.testing.assert_array_equal(np.asarray(normal), np.asarray(jax.random.normal(k1, (8 * n, 2))))
+  np.testing.assert_array_equal(np.asarray(uniform), np.asarray(jax.random.uniform(k2, (8 * n,))))
+  np.testing.assert_array_equal(np.asarray(scalar), np.asarray(jax.random.normal(k2, ())))
+
+
+def test_unknown_step_implementation_is_refused():
+  from ddo_jax import cli
+  from ddo_jax.train import config_check
+  config = toy_diffusion.get_config("tiny")
+  config.step_impl = "pmap"
+  with pytest.raises(cli.ConfigError, match=r"step_impl must be 'jit' .* or 'shard_map'"):
+    config_check.validate(config)
+  mesh = parallel.make_mesh()
+  with pytest.raises(ValueError, match="not one of"):
+    step_lib.make_mle_step(families.make(config), optim.make_optimizer(config.optim), {}, batch_size=8,
+                           mesh=mesh, shardings=None, impl="pmap")

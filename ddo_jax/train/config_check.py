@@ -43,3 +43,7 @@ def validate(config) -> None:
   for r in c.sharding_rules:
     _require(len(r) == 2 and r[1] in ("replicate", "fsdp"), "sharding_rules",
              f"sharding_rules entries are (regex, 'replicate'|'fsdp'), got {tuple(r)}")
+  impl = c.get("step_impl", "jit")
+  _require(impl in ("jit", "shard_map"), "step_impl",
+           f"step_impl must be 'jit' (XLA partitions the global step) or 'shard_map' (explicit per-device "
+           f"program), got {impl!r}")
