@@ -1,4 +1,4 @@
-"""Device mesh, sharding rules and global batches.
+"""Device mesh, sharding rules, global batches and the multi-process (multi-host) runtime.
 
 The train step runs as one `jax.jit` over a `jax.sharding.Mesh` with two axes:
 
@@ -10,6 +10,7 @@ The train step runs as one `jax.jit` over a `jax.sharding.Mesh` with two axes:
 says otherwise. Rules are (regex on the '/'-joined parameter path, strategy) pairs, first match wins;
 strategies are 'replicate' and 'fsdp'.
 """
+import atexit
 import re
 from typing import Any, Sequence
 
@@ -21,8 +22,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes, grouped by process so
+  that each process's devices hold one contiguous block of the batch, in process order; `global_batch`
+  relies on it)."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   n = len(devices)
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
@@ -106,9 +111,31 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
   def one(x):
     x = np.asarray(x)
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    _check_process_rows(sharding, global_shape[0], x.shape[0])
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree_util.tree_map(one, local)
+
+
+_checked_rows = set()
+
+
+def _check_process_rows(sharding, rows: int, local_rows: int) -> None:
+  """Raise unless this process's devices hold rows [p*b, (p+1)*b) of a batch-sharded [rows, ...] array
+  (what the data pipeline reads for process p); checked once per mesh and batch size."""
+  key = (sharding.mesh, rows, local_rows)
+  if key in _checked_rows:
+    return
+  p = jax.process_index()
+  held = set()
+  for device, index in sharding.devices_indices_map((rows,)).items():
+    if device.process_index == p:
+      held.update(range(*index[0].indices(rows)))
+  if held != set(range(p * local_rows, (p + 1) * local_rows)):
+    raise ValueError(f"process {p}'s devices hold batch rows {sorted(held)[:3]}... of {rows}, not the block "
+                     f"[{p * local_rows}, {(p + 1) * local_rows}) it reads; build the mesh with make_mesh() "
+                     "(devices grouped by process)")
+  _checked_rows.add(key)
 
 
 def to_host(x: Any) -> Any:
@@ -128,6 +155,14 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size")
     raise ValueError(f"{what} {batch_size} must be divisible by the process count {jax.process_count()}")
 
 
+def cpu_lockstep() -> bool:
+  """True in a multi-process run on CPU devices. There, XLA's CPU runtime can deadlock when many steps
+  with cross-process (gloo) collectives are dispatched ahead of their execution (seen here: a toy run
+  that synchronised every 100 steps hung at its first steps, one that synchronised every step never did),
+  so the driver waits for each step before dispatching the next. Accelerators keep asynchronous dispatch."""
+  return jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+
+
 def tree_size(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
@@ -139,19 +174,116 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def maybe_initialize_distributed() -> None:
-  """Call jax.distributed.initialize() when launched as one of several processes.
+# Environment variables of a multi-process launch (see maybe_initialize_distributed).
+EXPLICIT_ENV = "DDO_JAX_DISTRIBUTED"   # '1': initialise and let JAX detect the cluster (launch/tpu_pod.sh)
+HEARTBEAT_ENV = "DDO_JAX_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_S = 100   # JAX's own default
+_exit_code_on_failure = None   # set by fail_fast; read by the atexit hook of maybe_initialize_distributed
 
-  Multi-process launches are recognised by the variables their launchers set: TPU pod slices
-  (TPU_WORKER_HOSTNAMES with several hosts), SLURM (SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1),
-  or an explicit JAX_COORDINATOR_ADDRESS (then JAX_NUM_PROCESSES and JAX_PROCESS_ID are read by JAX).
-  Must run before any other JAX call.
+
+def is_multiprocess_launch(env=None) -> bool:
+  """Whether the environment says this process is one of several (before jax.distributed is initialised)."""
+  import os  # pylint: disable=import-outside-toplevel
+  env = os.environ if env is None else env
+
+  def count(name):
+    try:
+      return int(env.get(name, "1") or "1")
+    except ValueError:
+      return 1
+
+  return (env.get(EXPLICIT_ENV, "") == "1"
+          or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+          or count("SLURM_NTASKS") > 1
+          or count("OMPI_COMM_WORLD_SIZE") > 1
+          or "JAX_COORDINATOR_ADDRESS" in env)
+
+
+def maybe_initialize_distributed() -> bool:
+  """Call jax.distributed.initialize() when launched as one of several processes; True if it did.
+
+  Multi-process launches are recognised by the variables their launchers set:
+
+  * DDO_JAX_DISTRIBUTED=1: initialise, and let JAX find the cluster itself (launch/tpu_pod.sh sets it:
+    a Cloud TPU VM pod slice is found through the TPU metadata server, not through the environment);
+  * TPU_WORKER_HOSTNAMES with several hosts (TPU pod slices on GKE);
+  * SLURM_NTASKS > 1 (launch/slurm_gpu.sbatch; JAX reads the coordinator, count and id from SLURM);
+  * OMPI_COMM_WORLD_SIZE > 1 (Open MPI's mpirun);
+  * JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and JAX_PROCESS_ID (launch/local_multiprocess.py, or
+    any launcher that sets them). JAX itself reads only the address from the environment; the count and
+    id are passed here.
+
+  Whatever is not given is left to JAX's cluster detection (TPU metadata, SLURM, Open MPI, Kubernetes).
+
+  A process that stops sending heartbeats (killed, crashed, its host gone) is declared dead by the
+  coordinator after DDO_JAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's), and then every other process
+  is terminated by JAX with an error instead of waiting forever on a collective; most deaths are seen
+  sooner, by the next collective failing (see `fail_fast`). On CPU, cross-process collectives use gloo
+  over TCP. Must run before any other JAX call.
   """
-  import os
+  import os  # pylint: disable=import-outside-toplevel
   env = os.environ
-  multi = (len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-           or int(env.get("SLURM_NTASKS", "1")) > 1
-           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or "JAX_COORDINATOR_ADDRESS" in env)
-  if multi:
-    jax.distributed.initialize()
+  if not is_multiprocess_launch(env) or jax.distributed.is_initialized():
+    return False
+  kwargs = {"heartbeat_timeout_seconds": int(env.get(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S))}
+  if "JAX_NUM_PROCESSES" in env:
+    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+  if "JAX_PROCESS_ID" in env:
+    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+  if "cpu" in env.get("JAX_PLATFORMS", "").split(","):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  atexit.register(_exit_now_after_failure)   # runs before JAX's own exit hook (atexit is last-in, first-out)
+  return True
+
+
+def fail_fast(exc: BaseException) -> None:
+  """Called with the exception that ends this process of a multi-process run (no-op on one process).
+
+  A process that ends normally waits at exit (jax.distributed.shutdown) until every process gets there, up
+  to 5 minutes; one that fails must not: the others would wait for it on their next collective while it
+  waits for them. After this call the process exits at interpreter exit without that shutdown, so its
+  peers see it gone at once (their next collective fails, which brings them here too) or, at the latest,
+  after the heartbeat timeout. The exit code is kept: 2 for a user error, the SystemExit code, 130 for an
+  interrupt, 1 otherwise.
+  """
+  global _exit_code_on_failure
+  if jax.process_count() == 1 or not jax.distributed.is_initialized():
+    return
+  from ddo_jax import cli  # pylint: disable=import-outside-toplevel
+  if isinstance(exc, SystemExit):
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+  elif isinstance(exc, cli.UserError):
+    code = cli.EXIT_USER_ERROR
+  elif isinstance(exc, KeyboardInterrupt):
+    code = 130
+  else:
+    code = 1
+  if code == 0:
+    return
+  _exit_code_on_failure = code
+  first = (str(exc).strip().splitlines() or [""])[0][:300]
+  what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+  if isinstance(exc, jax.errors.JaxRuntimeError):
+    why = ("a computation failed; when it names a collective (Gloo, NCCL, a barrier, a heartbeat), another "
+           "process has probably died: look at its output first")
+  else:
+    why = "this process failed; the others stop at their next collective or after the heartbeat timeout"
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.getLogger("ddo_jax").error("process %d of %d stops (%s): %s. Rerun the same command on every "
+                                     "process to resume.", jax.process_index(), jax.process_count(), what, why)
+
+
+def _exit_now_after_failure() -> None:
+  if _exit_code_on_failure is None:
+    return
+  import logging  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(_exit_code_on_failure)  # pylint: disable=protected-access (skip the shutdown barrier on purpose)

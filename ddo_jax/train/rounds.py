@@ -14,8 +14,14 @@ Round r = 1..R:
 
 Everything random is a function of (config.seed, round, step, sample index), so a process killed at any
 point and restarted with the same command continues where the last complete file left off and ends with
-bitwise the same parameters as an uninterrupted run (on the same machine and device count; on another
-device count the results agree to float32 rounding). Damaged files are detected when read back (checksums)
+bitwise the same parameters as an uninterrupted run (on the same machine, process and device count; on
+another count the results agree to float32 rounding, and a resumed round says so).
+
+Several processes (one per host: `launch/local_multiprocess.py`, a TPU pod, SLURM) run the same driver:
+each feeds its rows of every global batch, every collective step (sampling, training, checkpoint and tree
+saves and loads, checksums) is taken by all of them, and process 0 alone writes the plain files (lock,
+config.json, metrics.jsonl, summaries, plots, negative chunks) with a barrier after each. A process that
+fails exits without waiting for the others (`parallel.fail_fast`), so they stop too. Damaged files are detected when read back (checksums)
 and rebuilt from what precedes them; non-finite training stops the run before anything non-finite is saved.
 
 Layout of the workdir:
@@ -108,10 +114,11 @@ class Driver:
     self.step_fn = step_lib.make_ddo_step(
         self.family, self.tx, self.ema_specs, alpha=config.ddo.alpha, beta=config.ddo.beta,
         batch_size=self.batch_size, mesh=self.mesh, shardings=self.state_shardings,
-        ref_shardings=self.param_shardings, schedule=self.schedule)
+        ref_shardings=self.param_shardings, schedule=self.schedule, impl=config.get("step_impl", "jit"))
     self.sample_fn = seeded.make_seeded_sampler(self.family.sample, self.mesh, self.param_shardings)
     self.real, self.num_real = self.family.real_source(config.seed)
     self.timings = {}
+    self.lockstep = parallel.cpu_lockstep()   # several processes on CPU: one step in flight at a time
 
   # --- helpers ------------------------------------------------------------------------------------
   def abstract_params(self):
@@ -235,7 +242,7 @@ class Driver:
     shardings = parallel.param_shardings(jax.eval_shape(init, params, jax.random.key(0)), self.mesh, self.rules)
     state = jax.jit(init, out_shardings=shardings)(params, jax.random.key(self.config.seed + 1))
     step = step_lib.make_mle_step(self.family, tx, {}, batch_size=c.batch_size, mesh=self.mesh,
-                                  shardings=shardings)
+                                  shardings=shardings, impl=self.config.get("step_impl", "jit"))
     data = pipeline.PairedBatches(self.real, self.num_real, c.batch_size, seed=self.config.seed)
     self.writer.drop(lambda rec: rec.get("phase") == "pretrain")   # an interrupted pretraining restarts
     progress = utils.Progress("pretrain", c.steps, unit="steps")
@@ -243,6 +250,8 @@ class Driver:
     pending = []
     for i in range(c.steps):
       state, metrics = step(state, None, parallel.global_batch(data.next()["real"], self.mesh))
+      if self.lockstep:
+        jax.block_until_ready(metrics)
       pending.append((i + 1, metrics))
       if (i + 1) % self.config.log_every == 0 or i + 1 == c.steps:
         self.check_finite(pending, 0, None)
@@ -289,10 +298,12 @@ class Driver:
       # Records of this round past the restored step are logged again below; drop the stale ones.
       self.writer.drop(lambda rec: rec.get("round") == r and rec.get("step", 0) > start)
       data.set_state(data_state)
-      saved_devices = record.get("num_devices")
-      if saved_devices not in (None, jax.device_count()):
-        log.warning("round %d: resuming on %d devices a state saved on %d: from here the results match an "
-                    "uninterrupted run to float32 rounding, not bitwise", r, jax.device_count(), saved_devices)
+      saved = (record.get("num_processes", 1), record.get("num_devices"))
+      if saved[1] is not None and saved != (jax.process_count(), jax.device_count()):
+        log.warning("round %d: resuming on %d devices a state saved on %d (%d process(es) now, %d then): from "
+                    "here the results match an uninterrupted run to float32 rounding, not bitwise (the "
+                    "cross-device sums run in another order)", r, jax.device_count(), saved[1],
+                    jax.process_count(), saved[0])
       log.info("round %d: resuming from step %d", r, start)
 
     steps = self.steps_per_round
@@ -312,6 +323,8 @@ class Driver:
       else:
         batch = parallel.global_batch(batch, self.mesh)
       state, metrics = self.step_fn(state, ref, batch)
+      if self.lockstep:
+        jax.block_until_ready(metrics)
       s = i + 1
       pending.append((s, metrics))
       is_eval = s % cfg.selection.eval_every == 0 or s == steps
@@ -331,7 +344,7 @@ class Driver:
         faults.point("after_eval")
       if is_save:
         extra = {"step_compilations": max(compilations, self.step_fn.num_traces()),
-                 "num_devices": jax.device_count()}
+                 "num_devices": jax.device_count(), "num_processes": jax.process_count()}
         ckpts.save(s, state, data.get_state(), history, extra=extra)
         last_saved = s
         faults.point("checkpoint_saved")
@@ -394,8 +407,9 @@ class Driver:
         self._round_done(r) for r in range(self.config.rounds.num + 1)):
       summaries = [_read_json(_round_dir(self.workdir, r) / "summary.json", fix)
                    for r in range(self.config.rounds.num + 1)]
-      print(f"{self.workdir} holds a complete run of {self.config.rounds.num} rounds; nothing to do. "
-            "Its results:", flush=True)
+      if jax.process_index() == 0:
+        print(f"{self.workdir} holds a complete run of {self.config.rounds.num} rounds; nothing to do. "
+              "Its results:", flush=True)
       self.print_table(summaries)
       return summaries
     self.ensure_round0()
@@ -419,25 +433,27 @@ class Driver:
     if floor:
       lines.append("data   " + "  ".join(f"{floor.get(k, float('nan')):10.5f}" for k in keys))
     note = "; 'data' = fresh ground-truth samples" if floor else ""
-    print(f"\nmetrics of each round's chosen model ({metric} selects{note}):\n" + "\n".join(lines), flush=True)
+    if jax.process_index() == 0:   # one table for the run, not one per process
+      print(f"\nmetrics of each round's chosen model ({metric} selects{note}):\n" + "\n".join(lines), flush=True)
 
   def finish(self, summaries: list) -> None:
     self.print_table(summaries)
-    if jax.process_index() != 0:
-      return
-    metric = self.config.selection.metric
-    floor = self.family.reference_metrics(self.config.seed)
-    plots.metrics_per_round(self.workdir / "metrics_per_round.png", summaries, floor,
-                            modes={metric: self.family.metric_mode})
+    # Loading and sampling are collective (every process takes part); only process 0 writes.
     n = self.config.plot_samples
     samples = [self.sample(self.load_chosen(s["round"]), n, seed=self.config.seed + 20_000)["x"]
                for s in summaries]
-    plots.samples_per_round(self.workdir / "samples_per_round.png", self.family, samples,
-                            [f"round {s['round']}: {metric}={s['metrics'][metric]:.4f}" for s in summaries],
-                            ground_truth=self.family.ground_truth(self.config.seed, n))
-    utils.atomic_write_json(self.workdir / "summary.json", {
-        "metric": metric, "rounds": [{"round": s["round"], "chosen_step": s["chosen_step"], **s["metrics"]}
-                                     for s in summaries], "data_floor": floor})
+    if jax.process_index() == 0:
+      metric = self.config.selection.metric
+      floor = self.family.reference_metrics(self.config.seed)
+      plots.metrics_per_round(self.workdir / "metrics_per_round.png", summaries, floor,
+                              modes={metric: self.family.metric_mode})
+      plots.samples_per_round(self.workdir / "samples_per_round.png", self.family, samples,
+                              [f"round {s['round']}: {metric}={s['metrics'][metric]:.4f}" for s in summaries],
+                              ground_truth=self.family.ground_truth(self.config.seed, n))
+      utils.atomic_write_json(self.workdir / "summary.json", {
+          "metric": metric, "rounds": [{"round": s["round"], "chosen_step": s["chosen_step"], **s["metrics"]}
+                                       for s in summaries], "data_floor": floor})
+    parallel.barrier("run-summary")
 
 
 # --- the workdir: one writer, one config ----------------------------------------------------------------
@@ -479,22 +495,30 @@ class WorkdirLock:
       self.fd = None
 
 
+# Keys added to the configs after runs were started: a saved config.json without one resumes when the
+# current value is the default (the behaviour the run had).
+ADDED_KEYS = {"step_impl": "jit"}
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir, rewrite_config: bool = False) -> None:
   """Write config.json on first start; refuse to resume a workdir with a different config, or one that holds
   rounds but lost its config.json (unless `rewrite_config`)."""
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
   text = config.to_json_best_effort(indent=1, sort_keys=True)
-  if path.exists() and not rewrite_config:
+  exists = path.exists()
+  parallel.barrier("config-json-checked")   # every process looked before process 0 may write it
+  if exists and not rewrite_config:
     old = _read_json(path, "restore it, or rerun with --rewrite_config to write the current config in its place")
     new = json.loads(text)
-    if old != new:
-      flat_old, flat_new = utils.flatten_dict(old), utils.flatten_dict(new)
-      diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+    flat_old, flat_new = utils.flatten_dict(old), utils.flatten_dict(new)
+    diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k)
+                  and not (k not in flat_old and ADDED_KEYS.get(k, object()) == flat_new[k]))
+    if diff:
       raise cli.ConfigError(f"{workdir} holds a run with a different config (keys differ: {', '.join(diff)})",
                             "--workdir", "resume with the same config, or use a new --workdir")
     return
-  if not path.exists() and any(workdir.glob("round_*")) and not rewrite_config:
+  if not exists and any(workdir.glob("round_*")) and not rewrite_config:
     raise cli.UserError(f"{workdir} holds rounds but no config.json, so the run's config is unknown",
                         "--workdir", "rerun with --rewrite_config if this command's config is the run's, or "
                         "use a new --workdir")
@@ -513,11 +537,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, rewrite_config: bool = 
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise cli.UserError(f"{workdir} exists and is not a folder", "--workdir", "pass a folder path")
-  with jax.set_mesh(parallel.make_mesh(config.mesh.data, config.mesh.fsdp)):
-    driver = Driver(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with WorkdirLock(workdir):
-      check_workdir_config(config, workdir, rewrite_config)
-      if jax.process_index() == 0:
-        utils.setup_logging(log_file=workdir / "train.log")
-      return driver.run()
+  try:
+    with jax.set_mesh(parallel.make_mesh(config.mesh.data, config.mesh.fsdp)):
+      driver = Driver(config, workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      with WorkdirLock(workdir):
+        check_workdir_config(config, workdir, rewrite_config)
+        if jax.process_index() == 0:
+          utils.setup_logging(log_file=workdir / "train.log")
+        return driver.run()
+  except BaseException as e:
+    parallel.fail_fast(e)   # several processes: exit without waiting for the others (they would wait for us)
+    raise
