@@ -453,6 +453,82 @@ def test_other_configs_on_two_processes_match_one_process(config, extra, tmp_pat
   print(f"{config} {extra}: 2x2 vs 1x4 max relative difference {worst:.2g}")
 
 
+
+# --- evaluation and sampling across processes ---------------------------------------------------------------
+
+def test_evaluator_counts_samples_held_by_every_process_once(tmp_path):
+  """Samples fetched to every host (the driver's FID, launch.evaluate --model) are fed with
+  add_global_uint8: on 2 processes every image counts once, and the statistics and logits equal one
+  process's. A cheap linear feature map stands in for Inception (what is tested is who feeds which rows)."""
+  _ok(_launch(["python", "-m", "tests.test_multiprocess", "evaluator", str(tmp_path / "multi")], timeout=300))
+  _ok(_single([sys.executable, "-m", "tests.test_multiprocess", "evaluator", str(tmp_path / "single")],
+              timeout=300))
+  multi, single = (dict(np.load(tmp_path / name / "evaluator.npz")) for name in ("multi", "single"))
+  assert int(multi["count"]) == int(single["count"]) == 13
+  assert multi["logits"].shape == single["logits"].shape == (13, 1008)
+  # Each feature is one float32 dot product of 768 terms, computed on another device (other blocking):
+  # bound the difference by 768 float32 ulps of the sum of |terms| (rows * |w|), stored in the worker.
+  for key in ("logits", "mu"):
+    bound = multi["bound_" + key]
+    assert np.all(np.abs(multi[key] - single[key]) <= bound), key
+  np.testing.assert_allclose(multi["sigma"], single["sigma"], rtol=0, atol=float(multi["bound_sigma"]))
+
+
+@pytest.fixture(scope="module")
+def edm_model(tmp_path_factory):
+  """The goldens' tiny conditional EDM (16x16, 10 classes), converted, and random Inception weights."""
+  from ddo_jax.convert import edm
+  from ddo_jax.metrics import evaluator as evaluator_lib
+  from tests.goldens import golden_path
+  root = tmp_path_factory.mktemp("edm_model")
+  params, config, report = edm.convert_edm_pickle(golden_path("formats", "edm_tiny_cond.pkl"))
+  edm.save_converted(root / "edm-tiny", params, config, report)
+  from tests import test_evaluator
+  from ddo_jax.convert import inception_names
+  from tests.hashweights import hash_uniform
+  state, k = {}, 0
+  for name, (_, _, shape) in inception_names.expected_layout().items():
+    scale, offset = test_evaluator._rule(name, shape)   # pylint: disable=protected-access
+    state[name] = hash_uniform(test_evaluator.SEED_BASE + k, shape, scale, offset)
+    k += 2 if name.endswith("running_var") else 1
+  evaluator_lib.save_inception_npz(inception_names.inception_variables_from_state_dict(state),
+                                   root / "inception.npz")
+  from ddo_jax.metrics import reference_stats
+  rng = np.random.default_rng(0)
+  reference_stats.save_stats_npz(root / "ref.npz", rng.normal(size=2048), np.eye(2048))
+  return root
+
+
+def test_sample_across_processes_writes_the_same_images(edm_model, tmp_path):
+  """launch.sample on 2 processes x 2 devices writes the PNGs (and npz) of 1 process x 4 devices, bitwise:
+  each image is computed from its own seed's noise by the same program on one device."""
+  cmd = [sys.executable, "-m", "launch.sample", "--model", str(edm_model / "edm-tiny"), "--seeds", "0-9",
+         "--steps", "4", "--batch_size", "8", "--npz"]
+  _ok(_launch([*cmd, "--outdir", str(tmp_path / "multi")], timeout=400))
+  _ok(_single([*cmd, "--outdir", str(tmp_path / "single")], timeout=400))
+  a, b = (np.load(tmp_path / name / "samples.npz") for name in ("multi", "single"))
+  assert a["arr_0"].shape == (10, 16, 16, 3)
+  np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+  np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+@SLOW
+def test_evaluate_model_across_processes_matches_one_process(edm_model, tmp_path):
+  """launch.evaluate --model on 2 processes x 2 devices: the same image count and the metrics of one process
+  x 4 devices (Inception features to float32 rounding, statistics in float64)."""
+  cmd = [sys.executable, "-m", "launch.evaluate", "--model", str(edm_model / "edm-tiny"), "--num", "12",
+         "--steps", "4", "--batch_size", "8", "--inception", str(edm_model / "inception.npz"),
+         "--ref", str(edm_model / "ref.npz"), "--metrics", "fid,is", "--is_splits", "2"]
+  records = {}
+  for name, run in (("multi", _launch), ("single", _single)):
+    _ok(run([*cmd, "--out", str(tmp_path / f"{name}.json")], timeout=600))
+    records[name] = json.loads((tmp_path / f"{name}.json").read_text())
+  print(records)
+  assert records["multi"]["num_images"] == records["single"]["num_images"] == 12
+  for key in ("fid", "is_mean"):
+    np.testing.assert_allclose(records["multi"][key], records["single"][key], rtol=1e-5)
+
+
 # --- the worker half (run by the launcher) ------------------------------------------------------------------
 
 def _worker_steps(out: pathlib.Path) -> None:
@@ -518,10 +594,49 @@ def _worker_die(out: pathlib.Path, how: str) -> None:
     raise
 
 
+def _worker_evaluator(out: pathlib.Path) -> None:
+  """13 images held by every process, fed in calls of 5 and 8 with add_global_uint8, global batch 8."""
+  import jax
+  import jax.numpy as jnp
+  from ddo_jax import parallel
+  from ddo_jax.metrics import evaluator as evaluator_lib
+
+  class LinearFeatures:   # stands in for InceptionV3: pool3 and logits linear in the pixels
+    def apply(self, variables, x):
+      flat = x.reshape(x.shape[0], -1)
+      return {"pool3": jnp.dot(flat, variables["w"], precision="highest"),
+              "logits_unbiased": jnp.dot(flat, variables["v"], precision="highest")}
+
+  rng = np.random.default_rng(0)
+  variables = {"w": rng.normal(size=(768, 2048)).astype(np.float32),
+               "v": rng.normal(size=(768, 1008)).astype(np.float32)}
+  images = rng.integers(0, 256, size=(13, 16, 16, 3), dtype=np.uint8)
+  ev = evaluator_lib.Evaluator(variables, parallel.make_mesh(), batch_size=8, model=LinearFeatures(),
+                               compute_is=True)
+  ev.add_global_uint8(images[:5])
+  ev.add_global_uint8(images[5:])
+  stats = ev.feature_stats()
+  mu, sigma = ev.statistics()
+  logits = ev.logits()
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    x = images.reshape(13, -1).astype(np.float64) / 255.0   # what uint8_to_unit feeds the features
+    eps = np.finfo(np.float32).eps
+    bound_w = 768 * eps * (x @ np.abs(variables["w"]))
+    bound_v = 768 * eps * (x @ np.abs(variables["v"]))
+    feats = x @ np.abs(variables["w"])
+    np.savez(out / "evaluator.npz", count=np.int64(stats.count), mu=mu, sigma=sigma, logits=logits,
+             bound_logits=bound_v, bound_mu=bound_w.mean(0),
+             # a covariance entry moves by at most ~2 * max|feature| * max feature error
+             bound_sigma=np.float64(2.0 * 2.0 * feats.max() * bound_w.max()))
+  parallel.barrier("worker-evaluator-done")
+
+
 if __name__ == "__main__":
   from ddo_jax import parallel as _parallel
   _parallel.maybe_initialize_distributed()
   import jax as _jax
   _jax.config.update("jax_default_matmul_precision", "highest")
-  {"steps": _worker_steps, "restore": _worker_restore, "die": _worker_die}[sys.argv[1]](
+  {"steps": _worker_steps, "restore": _worker_restore, "die": _worker_die,
+   "evaluator": _worker_evaluator}[sys.argv[1]](
       pathlib.Path(sys.argv[2]), *sys.argv[3:])

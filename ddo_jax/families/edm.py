@@ -199,7 +199,7 @@ class EDM(Family):
     progress = utils.Progress("fid samples", n, unit="images")
     for start in range(0, n, bs):
       x = sample(min(bs, n - start), start)["x"]
-      ev.add_uint8(to_uint8(x))
+      ev.add_global_uint8(to_uint8(x))   # every process holds all the samples; each feeds its part
       progress.update(min(start + bs, n))
     return ev.result()
 
@@ -237,6 +237,11 @@ def load_model_dir(path, *, labels: str = "random", num_steps: int = 18, S_churn
   abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
                                     is_leaf=lambda s: isinstance(s, tuple))
   tree = path / "params" if (path / "params").exists() else path / "chosen"
+  # Replicated over every device of every process: Orbax reads the folder on any topology (a tree saved
+  # by one process restores on several and the other way round).
+  from ddo_jax import parallel
+  sharding = parallel.replicated(parallel.make_mesh())
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
   params = tree_io.load_tree(tree, {"params": abstract})["params"]
   return family, params
 

@@ -77,7 +77,8 @@ def evaluate_sampler(sampler: Callable[[int], Iterable[np.ndarray]], num_images:
 
   Args:
     sampler: `sampler(num_images)` yields uint8 NHWC batches (EDM convention
-      `clip(x * 127.5 + 128, 0, 255)`) totalling at least `num_images`; extra rows are cut.
+      `clip(x * 127.5 + 128, 0, 255)`) totalling at least `num_images`; extra rows are cut. With
+      several processes every process yields the same full batches (each feeds its part).
     num_images: number of samples to evaluate.
     evaluator: an `Evaluator` with the references set.
 
@@ -85,7 +86,7 @@ def evaluate_sampler(sampler: Callable[[int], Iterable[np.ndarray]], num_images:
     `evaluator.result()`, plus `fid_warning` (a string) when there are too few images for a meaningful FID.
   """
   done = evaluator_lib.feed(evaluator, sampler(num_images), total=num_images, max_images=num_images,
-                            what="sample+inception")
+                            what="sample+inception", replicated=True)
   if done < num_images:
     raise ValueError(f"the sampler yielded {done} images, fewer than {num_images}")
   return _result(evaluator)

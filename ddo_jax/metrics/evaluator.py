@@ -29,7 +29,9 @@ O(N^2 D) (minutes for 50k on a CPU); each logs a line first, P/R a progress line
 
 Multiple processes: every process calls `add_uint8` with its own share of the images, the same
 number of times with the same counts (batch_size is global; each process supplies
-`batch_size / process_count` rows per batch). Not tested with more than one process.
+`batch_size / process_count` rows per batch); or every process calls `add_global_uint8` with the
+same full batch (samples fetched to every host) and each feeds its part. Tested on 2 processes
+(tests/test_multiprocess.py).
 
 Weights: `load_inception(path)` reads pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
 (torch-free), an `.npz` (written by `save_inception_npz`, or torch state-dict names), or an Orbax
@@ -319,6 +321,25 @@ class Evaluator:
       self._buffer.append(images[start:])
       self._buffered += images.shape[0] - start
 
+  def add_global_uint8(self, images) -> None:
+    """Adds uint8 NHWC images that every process holds in full (the same rows everywhere, e.g. samples
+    fetched with `parallel.to_host`): each process feeds only its part of each global batch, so every
+    image counts once whatever the process count. With one process this is `add_uint8`.
+
+    Every process must call this with the same images at the same time.
+    """
+    images = _check_images(images)
+    if jax.process_count() == 1:
+      self.add_uint8(images)
+      return
+    if self._buffered:   # a partial local buffer would put the processes' batches out of step
+      self.flush()
+    p = jax.process_index()
+    for start in range(0, images.shape[0], self.batch_size):
+      mine = images[start:start + self.batch_size][p * self.local_batch:(p + 1) * self.local_batch]
+      self.num_added += mine.shape[0]
+      self._run(mine)
+
   def flush(self) -> None:
     """Runs the buffered partial batch (zero-padded, masked) and drains the batch in flight."""
     if self._buffered:
@@ -444,7 +465,8 @@ class Evaluator:
 
 
 def feed(evaluator: Evaluator, batches: Iterable[Any], total: Optional[int] = None,
-         max_images: Optional[int] = None, what: str = "inception", every: float = 10.0) -> int:
+         max_images: Optional[int] = None, what: str = "inception", every: float = 10.0,
+         replicated: bool = False) -> int:
   """Adds uint8 batches to `evaluator` until the iterator ends or `max_images` were added.
 
   Logs a progress line (count, rate, ETA) at most every `every` seconds (process 0 only).
@@ -456,6 +478,8 @@ def feed(evaluator: Evaluator, batches: Iterable[Any], total: Optional[int] = No
     max_images: stop after this many images (the last batch is cut).
     what: label of the progress line.
     every: seconds between progress lines.
+    replicated: every process holds the same full batches (samples fetched to every host): each
+      feeds only its part (`Evaluator.add_global_uint8`); otherwise each holds its own share.
 
   Returns:
     The number of images added.
@@ -466,7 +490,7 @@ def feed(evaluator: Evaluator, batches: Iterable[Any], total: Optional[int] = No
   for batch in batches:
     if max_images is not None:
       batch = batch[:max_images - done]
-    evaluator.add_uint8(batch)
+    (evaluator.add_global_uint8 if replicated else evaluator.add_uint8)(batch)
     done += int(np.shape(batch)[0])
     if jax.process_index() == 0 and total and done < total:
       progress.update(done)
