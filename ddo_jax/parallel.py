@@ -156,11 +156,13 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size")
 
 
 def cpu_lockstep() -> bool:
-  """True in a multi-process run on CPU devices. There, XLA's CPU runtime can deadlock when many steps
-  with cross-process (gloo) collectives are dispatched ahead of their execution (seen here: a toy run
-  that synchronised every 100 steps hung at its first steps, one that synchronised every step never did),
-  so the driver waits for each step before dispatching the next. Accelerators keep asynchronous dispatch."""
-  return jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+  """True on CPU devices when there are several (in one process or across processes). There, XLA's CPU
+  runtime can deadlock when programs with collectives are dispatched ahead of their execution: seen here
+  across processes (gloo; a toy run that synchronised every 100 steps hung at its first steps, one that
+  synchronised every step never did) and in one process with 4 virtual devices on a loaded 2-core machine
+  (an online-negatives run whose in-process all-gather waited 40 s for its 4th participant and aborted).
+  The driver then waits for each step before dispatching the next. Accelerators keep asynchronous dispatch."""
+  return jax.device_count() > 1 and jax.devices()[0].platform == "cpu"
 
 
 def tree_size(tree) -> int:

@@ -118,7 +118,7 @@ class Driver:
     self.sample_fn = seeded.make_seeded_sampler(self.family.sample, self.mesh, self.param_shardings)
     self.real, self.num_real = self.family.real_source(config.seed)
     self.timings = {}
-    self.lockstep = parallel.cpu_lockstep()   # several processes on CPU: one step in flight at a time
+    self.lockstep = parallel.cpu_lockstep()   # several CPU devices: one step in flight at a time
 
   # --- helpers ------------------------------------------------------------------------------------
   def abstract_params(self):
