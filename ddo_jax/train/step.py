@@ -196,7 +196,7 @@ def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, sharding
     if project is not None:
       params = project(params)
     new_ema = ema_lib.update(ema_specs, state["ema"], params, state["step"], batch_size)
-    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
     # One flag for the driver's non-finite check (a NaN or Inf anywhere makes a norm non-finite).
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm, finite=finite)
