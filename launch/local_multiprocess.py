@@ -1,6 +1,6 @@
 """Rehearse a multi-host (TPU pod / multi-node GPU) launch on one machine: N processes of the same command.
 
-  python -m launch.local_multiprocess -n 2 -d 2 -- python -m launch.train --config configs/toy_diffusion.py:tiny --workdir W
+  python -m launch.local_multiprocess -n 2 -d 2 -- python -m launch.train --config configs/edm_cifar10.py:tiny --workdir W
   python -m launch.local_multiprocess -n 2 -d 2 -- python -m launch.sample --model W/round_002 --seeds 0-63 --outdir S
 
 Each process is started with the variables a pod or cluster launcher would give it, read by
