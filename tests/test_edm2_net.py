@@ -105,19 +105,6 @@ def test_precond_parity(name):
   assert _err(out["logvar_gain16"], io["logvar_fp16w"]) <= ATOL
 
 
-def test_scalar_sigma_and_label_broadcast():
-  config, state, io = _fixture("precond_guide")
-  net = edm2_unet.build_precond(config)
-  v = edm2_names.torch_to_flax(state, config)
-  x = _nhwc(io["x"])[:2]
-  fn = jax.jit(lambda v, x, s: net.apply(v, x, s, None, return_logvar=True))
-  a, la = fn(v, x, jnp.float32(0.7))
-  b, lb = fn(v, x, jnp.full((2,), 0.7, jnp.float32))
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-  assert la.shape == (2,)
-
-
 def test_forced_weight_normalization_train_mode():
   """goldens/edm2/train_mode: one train-mode forward of precond_guide normalizes every MPConv weight."""
   meta = load_json("edm2", "train_mode", "config.json")
@@ -258,3 +245,72 @@ def test_config_rejects_unknown():
     edm2_names.config_from_init_kwargs(dict(kw, embedding_type="fourier"))
   with pytest.raises(ValueError, match="not supported"):
     edm2_names.config_from_init_kwargs(kw, "training.networks.EDMPrecond")
+
+
+def test_gradients_reach_every_parameter_and_no_buffer():
+  config, state, io = _fixture("precond_guide")
+  net = edm2_unet.build_precond(config)
+  v = edm2_names.torch_to_flax(state, config)
+  x, sigma, labels = _nhwc(io["x"]), jnp.asarray(io["sigma"]), jnp.asarray(io["class_labels"])
+  probe = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), jnp.float32)
+
+  @jax.jit
+  def grads(v):
+    def loss(v):
+      d, logvar = net.apply(v, x, sigma, labels, return_logvar=True)
+      return jnp.sum(d * probe) + jnp.sum(logvar)
+    return jax.grad(loss)(v)
+
+  g = grads(v)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(g["params"])[0]:
+    assert np.max(np.abs(np.asarray(leaf))) > 0, jax.tree_util.keystr(path)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(g["buffers"])[0]:
+    assert np.max(np.abs(np.asarray(leaf))) == 0, jax.tree_util.keystr(path)
+
+
+def test_scalar_sigma_and_init_tree():
+  config, state, io = _fixture("precond_guide")
+  v = edm2_names.torch_to_flax(state, config)
+  # the tree init would create is the converted tree (shapes and dtypes)
+  net = edm2_unet.build_precond(config)
+  abstract = edm2_unet.abstract_variables(net)
+  spec = lambda t: jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), np.dtype(a.dtype)), t)
+  assert spec(abstract) == spec(v)
+  x, labels = _nhwc(io["x"]), jnp.asarray(io["class_labels"])
+
+  @jax.jit
+  def run(v):
+    vector = net.apply(v, x, jnp.full((x.shape[0],), 0.7, jnp.float32), labels, return_logvar=True)
+    scalar = net.apply(v, x, jnp.float32(0.7), labels, return_logvar=True)
+    return vector, scalar
+
+  vector, scalar = jax.device_get(run(v))
+  assert scalar[1].shape == (x.shape[0],)  # a scalar sigma broadcasts over the batch (D and logvar [B])
+  for a, b in zip(scalar, vector):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_block_dropout_and_init():
+  """Dropout (the img512-L config has 0.1) acts only when not deterministic; init gains are zero."""
+  block = edm2_unet.Block(8, flavor="dec", attention=True, channels_per_head=4, dropout=0.2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
+  emb = jax.random.normal(jax.random.PRNGKey(1), (2, 5))
+  v = jax.jit(block.init)(jax.random.PRNGKey(2), x, emb)
+  p = v["params"]
+  assert sorted(p) == ["attn_proj", "attn_qkv", "conv_res0", "conv_res1", "conv_skip", "emb_gain",
+                       "emb_linear"]
+  assert p["emb_gain"].shape == () and float(p["emb_gain"]) == 0.0
+  assert p["attn_qkv"]["kernel"].shape == (1, 1, 8, 24) and p["conv_res0"]["kernel"].shape == (3, 3, 6, 8)
+  v = {"params": dict(p, emb_gain=jnp.float32(0.7))}
+
+  @jax.jit
+  def run(v, key):
+    det = block.apply(v, x, emb)
+    r1 = block.apply(v, x, emb, deterministic=False, rngs={"dropout": key})
+    r2 = block.apply(v, x, emb, deterministic=False, rngs={"dropout": key + 1})
+    return det, r1, r2
+
+  det, r1, r2 = (np.asarray(a) for a in run(v, jax.random.PRNGKey(3)))
+  nodrop = edm2_unet.Block(8, flavor="dec", attention=True, channels_per_head=4)
+  np.testing.assert_allclose(det, np.asarray(jax.jit(nodrop.apply)(v, x, emb)), rtol=0, atol=1e-6)
+  assert np.max(np.abs(r1 - det)) > 1e-3 and np.max(np.abs(r1 - r2)) > 1e-3
