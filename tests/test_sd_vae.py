@@ -10,7 +10,6 @@ are of order 1 to 6 (no large sums), so a fixed absolute tolerance is meaningful
 measured 1e-6 to 5e-6 between PyTorch CPU kernels alone. uint8 pixels may differ by one where a value lies
 within rounding error of an integer boundary (the README saw 2 of 6144 flip from a memory-layout change).
 """
-import json
 import shutil
 
 import jax
