@@ -1,5 +1,6 @@
 """EDM2 U-Net / Precond parity with the PyTorch goldens (goldens/edm2/precond_*, train_mode), the forced
-weight normalization, and the torch <-> Flax name map against the full-size key manifests (goldens/keys)."""
+weight normalization, the torch <-> Flax name map against the full-size key manifests (goldens/keys), and
+the network's forward and backward inside the DDO step of goldens/ddo/edm2_loss."""
 import hashlib
 
 import jax
@@ -296,7 +297,6 @@ def test_ddo_step_gradients_through_the_net():
         summary["target_state_sha256"][k]), name
 
   v_theta = edm2_names.torch_to_flax(theta, config)
-  v_ref = edm2_names.torch_to_flax(ref_state, config)
   after_params = jax.jit(edm2_unet.forced_weight_normalization, static_argnames="exclude")(
       v_theta["params"], exclude=("logvar_linear",))
   v_after = dict(v_theta, params=after_params)

@@ -122,9 +122,9 @@ def _leaf_kind(torch_key: str, collection: str) -> str:
 def _torch_layout(config) -> List[str]:
   """Every state_dict key of the Precond, in `state_dict()` order (mirrors the upstream constructors:
   a module's parameters, then its buffers, then its children in registration order)."""
-  c = edm2_unet._plain(config)
+  c = edm2_unet.plain_dict(config)
   uk = dict(edm2_unet.UNET_DEFAULTS)
-  uk.update(edm2_unet._plain(c["unet_kwargs"]))
+  uk.update(edm2_unet.plain_dict(c["unet_kwargs"]))
   mc = uk["model_channels"]
   cblock = [mc * m for m in uk["channel_mult"]]
   keys = ["unet.out_gain", "unet.emb_fourier.freqs", "unet.emb_fourier.phases", "unet.emb_noise.weight"]
@@ -203,7 +203,7 @@ def _abstract_cached(key: str):
 
 def abstract_shapes(config) -> Dict[str, Dict[Tuple[str, ...], Tuple[int, ...]]]:
   """{collection: {flax path: shape}} of the Flax model of `config` (jax.eval_shape of init)."""
-  return _abstract_cached(json.dumps(edm2_unet._plain(config), sort_keys=True, default=list))
+  return _abstract_cached(json.dumps(edm2_unet.plain_dict(config), sort_keys=True, default=list))
 
 
 def num_parameters(config) -> int:
@@ -264,7 +264,7 @@ def expected_entries(config) -> List[Entry]:
 
 
 def _summary(config) -> str:
-  c = edm2_unet._plain(config)
+  c = edm2_unet.plain_dict(config)
   uk = c["unet_kwargs"]
   return (f"EDM2 Precond(img_resolution={c['img_resolution']}, img_channels={c['img_channels']}, "
           f"label_dim={c['label_dim']}, model_channels={uk['model_channels']}, "

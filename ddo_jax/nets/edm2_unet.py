@@ -434,7 +434,8 @@ class Precond(nn.Module):
 # Construction and forced weight normalization.
 
 
-def _plain(config) -> dict:
+def plain_dict(config) -> dict:
+  """A ConfigDict or Mapping as a plain dict."""
   if hasattr(config, "to_dict"):
     return config.to_dict()
   return dict(config)
@@ -447,9 +448,9 @@ def build_precond(config: Mapping[str, Any], gain_dtype: Optional[str] = None,
   config: {'class_name': 'Precond', 'img_resolution', 'img_channels', 'label_dim', 'use_fp16',
            'sigma_data', 'logvar_channels', 'unet_kwargs': {UNet kwargs}}.
   """
-  config = _plain(config)
+  config = plain_dict(config)
   kw = dict(UNET_DEFAULTS)
-  kw.update(_plain(config.get("unet_kwargs", {})))
+  kw.update(plain_dict(config.get("unet_kwargs", {})))
   for k in ("channel_mult", "attn_resolutions", "resample_filter"):
     kw[k] = tuple(kw[k])
   unet = UNet(img_resolution=int(config["img_resolution"]), img_channels=int(config["img_channels"]),
