@@ -7,11 +7,16 @@
   python -m launch.convert export-edm --src WORKDIR/round_003 --out ddo.pt     (a round: chosen/ + model.json)
   python -m launch.convert export-edm --src WORKDIR/round_003/chosen --model ckpt/edm-cifar10-cond/model.json \
       --out ddo.pt [--format torch]
+  python -m launch.convert edm2 --src edm2-img64-s-1073741-0.075.pkl --out ckpt/edm2-img64-s [--which ema]
+  python -m launch.convert sd-vae --src sd-vae-ft-mse/ --out ckpt/sd-vae-ft-mse     (a diffusers AutoencoderKL folder)
+  python -m launch.convert export-edm2 --src ckpt/edm2-img64-s --out ddo.pt [--dtype float16|float32]
 
 The subcommand is the first positional argument or --kind. `edm` reads an NVlabs/edm network pickle with an
 allowlist unpickler (the embedded module sources are hashed and compared with upstream, never executed) and writes
 DIR/params (Orbax {'params': ...}) and DIR/model.json. `export-edm` writes the EDMPrecond state dict of converted or
-DDO-tuned params, loadable in NVlabs/edm with `net.load_state_dict(...)`. A refusal or a mistake is one line
+DDO-tuned params, loadable in NVlabs/edm with `net.load_state_dict(...)`. `edm2` and `export-edm2` do the same for
+NVlabs/edm2 pickles (EasyDict with a float16 Precond `ema` and its `encoder`, which model.json describes), `sd-vae`
+converts the VAE of EDM2's StabilityVAEEncoder from a diffusers folder. A refusal or a mistake is one line
 `error: ...` on stderr with exit status 2 (--debug shows the traceback).
 
 Outputs are written to a temporary sibling (`.OUT.tmp-XXXXXXXX` folder, `.OUT.XXXXXXXX.tmp` file) and renamed into
@@ -31,18 +36,22 @@ from absl import logging as absl_logging
 
 from ddo_jax import cli
 
-KINDS = ("edm", "inception", "export-edm")
+KINDS = ("edm", "inception", "export-edm", "edm2", "sd-vae", "export-edm2")
 
 _KIND = flags.DEFINE_enum("kind", None, KINDS, "what to convert (or give it as the first positional argument)")
-_SRC = flags.DEFINE_string("src", None, "input: .pkl (edm), .pth (inception), converted dir or Orbax dir (export-edm)")
-_OUT = flags.DEFINE_string("out", None, "output folder (edm, inception) or file (export-edm)")
-_WHICH = flags.DEFINE_string("which", "ema", "edm: the top-level entry of the pickle holding the network")
+_SRC = flags.DEFINE_string("src", None, "input: .pkl (edm, edm2), .pth (inception), diffusers folder (sd-vae), "
+                           "converted dir or Orbax dir (export-edm, export-edm2)")
+_OUT = flags.DEFINE_string("out", None, "output folder (edm, edm2, sd-vae, inception) or file (export-edm, export-edm2)")
+_WHICH = flags.DEFINE_string("which", "ema", "edm, edm2: the top-level entry of the pickle holding the network")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing non-empty output folder or file")
-_MODEL = flags.DEFINE_string("model", None, "export-edm: model.json (or its folder) when --src is a bare Orbax dir")
+_MODEL = flags.DEFINE_string("model", None, "export-edm, export-edm2: model.json (or its folder) when --src is a bare Orbax dir")
 _FORMAT = flags.DEFINE_enum("format", None, ["safetensors", "torch"],
-                            "export-edm: output format (default: from the extension, .safetensors or .pt/.pth)")
+                            "export-edm, export-edm2: output format (default: from the extension, .safetensors "
+                            "or .pt/.pth)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"],
+                           "export-edm2: tensor dtype of the state dict (float16 is the released pickles' storage)")
 _DUMP_SOURCES = flags.DEFINE_bool("dump_sources", False,
-                                  "edm: also write every embedded module source as text to OUT/module_src/ "
+                                  "edm, edm2: also write every embedded module source as text to OUT/module_src/ "
                                   "(for diffing against upstream; never executed)")
 
 
@@ -197,6 +206,119 @@ def run_export(src: str, out: str, model, fmt, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# edm2, sd-vae, export-edm2
+
+
+def _print_edm2_report(report: dict, encoder: dict, out: pathlib.Path) -> None:
+  """Prints the EDM2 conversion report: classes, sizes, encoder, source hashes vs upstream, output."""
+  print(f"source      {report['source_path']}")
+  print(f"sha256      {report['file_sha256']}  ({report['file_bytes']} bytes)")
+  print(f"top level   {report['top_level_keys']}  (converted: {report['which']!r})")
+  print(f"net         {report['precond_class']} + {report['model_class']}  "
+        f"{json.dumps(report['init_kwargs'], sort_keys=True)}")
+  print(f"classes     {', '.join(report['classes'])}")
+  print(f"params      {report['param_count']:,} parameters; {report['state_dict_entries']} state_dict entries "
+        f"({report['buffers']} Fourier buffers, {report['buffer_count']:,} values, kept); stored as "
+        f"{'/'.join(report['stored_dtypes'])}, converted to float32 exactly")
+  if report.get("gain_dtype"):
+    print(f"gains       {report['gain_dtype']}: model.json records gain_dtype={report['gain_dtype']!r} so that "
+          f"edm2.build_net reproduces the pickle's forward (gain / sqrt(fan_in) rounded as upstream)")
+  enc = {k: v for k, v in encoder.items() if k != "class_name"}
+  print(f"encoder     {encoder['class_name']} {json.dumps(enc, sort_keys=True)}")
+  if encoder["class_name"] == "StabilityVAEEncoder":
+    print(f"            its VAE ({encoder['vae_name']}) is not in the pickle: convert a download of it with "
+          f"python -m launch.convert sd-vae --src <diffusers folder> --out <dir>")
+  if "dataset_kwargs" in report:
+    print(f"dataset     {json.dumps(report['dataset_kwargs'], sort_keys=True)}")
+  print("embedded module sources (sha256; never executed):")
+  for name, s in sorted(report["module_sources"].items()):
+    print(f"  {name:22s} {s['sha256'][:16]}  {s['status']}")
+  if not report["sources_match_upstream"]:
+    print("  note: some sources differ from upstream (a DDO pickle may carry modified code); rerun with "
+          "--dump_sources to diff them as text against the upstream files")
+  print(f"wrote       {out}/params (Orbax {{'params': ..., 'buffers': ...}}) and {out}/model.json")
+  print(f"export with python -m launch.convert export-edm2 --src {out} --out X.safetensors [--dtype float16]")
+
+
+def run_edm2(src: str, out: str, which: str, overwrite: bool, dump_sources: bool) -> None:
+  """EDM2 .pkl -> OUT/params + OUT/model.json, then the report on stdout."""
+  from ddo_jax.convert import edm2  # pylint: disable=import-outside-toplevel
+  variables, config, encoder, report = edm2.convert_edm2_pickle(_src_file(src), which=which)
+  written = edm2.save_converted(out, variables, config, encoder, report, overwrite=overwrite)
+  if dump_sources:
+    _dump_sources(src, written)
+  _print_edm2_report(report, encoder, written)
+
+
+def run_sd_vae(src: str, out: str, overwrite: bool) -> None:
+  """diffusers AutoencoderKL folder -> OUT/params (Orbax {'params': ...}) + OUT/model.json."""
+  from ddo_jax.convert import edm, sd_vae  # pylint: disable=import-outside-toplevel
+  folder = pathlib.Path(src)
+  if not folder.is_dir():
+    raise cli.UserError(f"{src}: not a folder", "--src",
+                        "give a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)")
+  weights = sd_vae.weight_file(folder)
+  raw_config = json.loads((folder / sd_vae.CONFIG_FILE).read_text()) if (folder / sd_vae.CONFIG_FILE).is_file() \
+      else {}
+  config = sd_vae.read_diffusers_config(folder)
+  state_dict = sd_vae.read_state_dict(weights)
+  params = sd_vae.torch_to_flax(state_dict, config)
+  renamed = sorted(k for k in state_dict if sd_vae.canonical_key(k) != k)
+  source = {"source_path": str(folder.absolute()), "weight_file": weights.name, "file_sha256": edm.file_sha256(weights),
+            "file_bytes": weights.stat().st_size, "class_name": raw_config.get("_class_name", sd_vae.CLASS_NAME),
+            "diffusers_version": raw_config.get("_diffusers_version"),
+            "param_count": sum(int(v.size) for v in _leaves(params)), "state_dict_entries": len(state_dict),
+            "stored_dtypes": sorted({v.dtype.name for v in state_dict.values()}),
+            "legacy_attention_names_renamed": len(renamed)}
+  meta = {"family": "sd-vae", "vae": json.loads(json.dumps(config)), "source": source}
+  written = edm.write_dir_atomically(out, {"params": {"params": params}}, meta, overwrite=overwrite)
+  print(f"source      {source['source_path']}/{weights.name}")
+  print(f"sha256      {source['file_sha256']}  ({source['file_bytes']} bytes)")
+  print(f"net         {source['class_name']} (diffusers {source['diffusers_version']}) "
+        f"block_out_channels={list(config['block_out_channels'])} latent_channels={config['latent_channels']}")
+  print(f"params      {source['param_count']:,} parameters; {len(state_dict)} state_dict entries stored as "
+        f"{'/'.join(source['stored_dtypes'])}, converted to float32" +
+        (f"; {len(renamed)} legacy attention names renamed (query/key/value/proj_attn)" if renamed else ""))
+  print(f"wrote       {written}/params (Orbax {{'params': ...}}) and {written}/model.json")
+
+
+def _load_edm2_for_export(src: str, model):
+  """(variables, net_config) from a converted EDM2 dir (params/ + model.json), a round dir (chosen/ + model.json),
+  or any Orbax dir ({'params', 'buffers'}) together with --model."""
+  from ddo_jax.convert import edm2  # pylint: disable=import-outside-toplevel
+  src_path = pathlib.Path(src)
+  if not src_path.is_dir():
+    raise cli.UserError(f"{src}: no such folder", "--src",
+                        "give a converted EDM2 folder, a DDO round folder or an Orbax folder (with --model)")
+  if model is None:
+    if not (src_path / edm2.MODEL_JSON).is_file():
+      raise cli.UserError(f"{src}: has no model.json", "--model",
+                          "pass --model <converted dir or its model.json> to say which net these params belong to")
+    model = src_path
+  config = edm2.read_model_json(model)["net"]
+  orbax_dir = next((d for d in (src_path / edm2.PARAMS_DIR, src_path / "chosen") if d.is_dir()), src_path)
+  tree = edm2.load_params_dir(orbax_dir)
+  edm2.check_variables(tree, config, where=str(orbax_dir))
+  return tree, config
+
+
+def run_export_edm2(src: str, out: str, model, fmt, dtype: str, overwrite: bool) -> None:
+  """Converted or DDO-tuned EDM2 variables -> Precond state dict file (torch zip or safetensors)."""
+  from ddo_jax.convert import edm  # pylint: disable=import-outside-toplevel
+  from ddo_jax.convert import edm2  # pylint: disable=import-outside-toplevel
+  fmt = edm.export_format(out, fmt)
+  if os.path.exists(out) and not overwrite:
+    raise cli.UserError(f"{out} exists; pass --overwrite to replace it", "--out")
+  variables, config = _load_edm2_for_export(src, model)
+  state_dict = edm2.export_edm2(variables, config, out, fmt, dtype=dtype)
+  print(f"wrote       {os.path.abspath(out)} ({fmt}, {dtype}; {len(state_dict)} tensors, EDM2 Precond state_dict, "
+        f"keys 'unet.*' / 'logvar_*', Fourier buffers included)")
+  print("load it in NVlabs/edm2: net = pickle.load(open(<released .pkl>, 'rb'))['ema']; "
+        + ("net.load_state_dict(torch.load(PATH, weights_only=True))" if fmt == "torch"
+           else "net.load_state_dict(safetensors.torch.load_file(PATH))"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _dispatch(kind: str) -> None:
@@ -207,6 +329,15 @@ def _dispatch(kind: str) -> None:
   elif kind == "inception":
     _require(src=_SRC.value, out=_OUT.value)
     run_inception(_SRC.value, _OUT.value, _OVERWRITE.value)
+  elif kind == "edm2":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_edm2(_SRC.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _DUMP_SOURCES.value)
+  elif kind == "sd-vae":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_sd_vae(_SRC.value, _OUT.value, _OVERWRITE.value)
+  elif kind == "export-edm2":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_export_edm2(_SRC.value, _OUT.value, _MODEL.value, _FORMAT.value, _DTYPE.value, _OVERWRITE.value)
   else:
     _require(src=_SRC.value, out=_OUT.value)
     run_export(_SRC.value, _OUT.value, _MODEL.value, _FORMAT.value, _OVERWRITE.value)
@@ -258,7 +389,10 @@ def main(argv):
   except edm.ForbiddenGlobalError as e:
     raise cli.UserError(f"refused: forbidden global '{e.global_name}'. {_one_line(e)}", "--src") from e
   except edm.UnsupportedCheckpointError as e:
-    raise cli.UserError(f"wrong family or unsupported net: {_one_line(e)}", "--src") from e
+    fix = ""
+    if kind == "edm" and "EDM2 network pickle" in str(e):
+      fix = "convert it with python -m launch.convert edm2"
+    raise cli.UserError(f"wrong family or unsupported net: {_one_line(e)}", "--src", fix) from e
   except tree_io.CorruptCheckpointError as e:
     raise cli.UserError(f"damaged checkpoint: {_one_line(e)}", "--src",
                         "convert or export from an intact copy (its checksum.json no longer matches)") from e
