@@ -181,6 +181,29 @@ def test_encoder_descriptions():
   np.testing.assert_array_equal(rebuilt.scale, scale)
 
 
+def test_pickle_without_encoder_and_encoder_that_does_not_fit():
+  """No 'encoder' (upstream's loaders then use StandardRGBEncoder): RGB nets get it; latent nets get the
+  StabilityVAEEncoder defaults, with a note. An encoder whose channels differ from the net's is refused."""
+  rgb_path = golden_path("formats", "edm2_tiny_img_guide.pkl")
+  lat_path = golden_path("formats", "edm2_tiny_latent.pkl")
+  rgb = dict(torch_pickle.load_persistence_pickle(rgb_path))
+  lat = dict(torch_pickle.load_persistence_pickle(lat_path))
+  lat_encoder, rgb_encoder = lat.pop("encoder"), rgb.pop("encoder")
+  variables, _, encoder, report = edm2.convert_edm2_data(rgb, str(rgb_path))
+  assert encoder["class_name"] == "StandardRGBEncoder" and "has no 'encoder'" in encoder["note"]
+  assert report["top_level_keys"] == ["dataset_kwargs", "loss_fn", "ema"]
+  _assert_same_tree(variables, _converted("edm2_tiny_img_guide")[0])
+  _, _, encoder, _ = edm2.convert_edm2_data(lat, str(lat_path))
+  want = _converted("edm2_tiny_latent")[2]
+  assert encoder["class_name"] == "StabilityVAEEncoder" and "assumed StabilityVAEEncoder" in encoder["note"]
+  assert (encoder["scale"], encoder["bias"]) == (want["scale"], want["bias"])  # the fixture used the defaults
+  rgb["encoder"], lat["encoder"] = lat_encoder, rgb_encoder
+  with pytest.raises(edm.CheckpointFormatError, match="4 latent channels .* img_channels=3"):
+    edm2.convert_edm2_data(rgb, str(rgb_path))
+  with pytest.raises(edm.CheckpointFormatError, match="StandardRGBEncoder gives 3 channels .* img_channels=4"):
+    edm2.convert_edm2_data(lat, str(lat_path))
+
+
 def test_save_and_load_converted(tmp_path):
   variables, config, encoder, report = _converted("edm2_tiny_latent")
   out = edm2.save_converted(tmp_path / "lat", variables, config, encoder, report)
@@ -304,8 +327,10 @@ def test_full_size_manifests_pass_the_key_check(model):
 def test_cli_edm2_then_export(tmp_path):
   pkl = golden_path("formats", "edm2_tiny_img_guide.pkl")
   out = tmp_path / "guide"
-  proc = _cli("edm2", "--src", pkl, "--out", out)
+  proc = _cli("edm2", "--src", pkl, "--out", out, "--dump_sources")
   assert proc.returncode == 0, proc.stderr
+  dumped = sorted(p.read_text() for p in (out / "module_src").iterdir())  # the placeholders, as text
+  assert len(dumped) == 3 and all(t.startswith("# source of training/") for t in dumped), dumped
   for needle in ("Precond + UNet", "181,691 parameters", "63 state_dict entries", "StandardRGBEncoder",
                  "Block, EDM2Loss, MPConv, MPFourier, Precond, StandardRGBEncoder, UNet", "differs from upstream",
                  f"wrote       {out}/params"):

@@ -10,6 +10,7 @@ from it is executed, the embedded sources are only hashed.
 
 Public API:
   convert_edm2_pickle(path, which='ema') -> (variables, net_config, encoder, report)
+  convert_edm2_data(data, path, which='ema') -> the same from an already read pickle top level
   convert_edm2_state_dict(state_dict, init_kwargs, class_name='Precond') -> (variables, net_config)
   encoder_description(record) -> the JSON description of a pickled encoder
   save_converted(out_dir, variables, net_config, encoder, report, overwrite=False, gain_dtype=None)
@@ -43,7 +44,7 @@ from ddo_jax.convert import edm2_names
 from ddo_jax.convert import torch_pickle
 from ddo_jax.convert import torch_write
 from ddo_jax.convert.edm import CheckpointFormatError, UnsupportedCheckpointError  # noqa: F401 (re-export)
-from ddo_jax.nets import edm2_unet
+from ddo_jax.nets import edm2_encoders, edm2_unet
 from ddo_jax.tree_io import MODEL_JSON, load_params_dir, write_dir_atomically
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "FAMILY",
     "build_net",
     "check_variables",
+    "convert_edm2_data",
     "convert_edm2_pickle",
     "convert_edm2_state_dict",
     "encoder_description",
@@ -112,9 +114,10 @@ def encoder_description(record) -> Dict[str, Any]:
   out: Dict[str, Any] = {"class_name": name, "init_kwargs": edm._jsonable(torch_pickle.init_kwargs(record))}  # pylint: disable=protected-access
   if name == "StabilityVAEEncoder":
     for key in ("scale", "bias"):
-      value = np.asarray(state.get(key), dtype=np.float64) if state.get(key) is not None else None
-      if value is None or value.ndim > 1 or not value.size:
-        raise CheckpointFormatError(f"StabilityVAEEncoder state lacks a 1-d {key!r} array (got {state.get(key)!r})")
+      value = state.get(key)
+      if not isinstance(value, np.ndarray) or value.ndim != 1 or not value.size or value.dtype.kind != "f":
+        raise CheckpointFormatError(f"StabilityVAEEncoder state lacks a 1-d float {key!r} array (got "
+                                    f"{type(value).__name__})")
       # The stored float32 values, exactly (float32 -> float64 -> JSON -> float32 round-trips).
       out[key] = [float(v) for v in np.asarray(state[key], np.float32).reshape(-1)]
     out["vae_name"] = str(state.get("vae_name", "stabilityai/sd-vae-ft-mse"))
@@ -122,10 +125,21 @@ def encoder_description(record) -> Dict[str, Any]:
   return out
 
 
-def _default_encoder() -> Dict[str, Any]:
-  """What upstream's generate_images.py uses when a pickle has no encoder."""
-  return {"class_name": "StandardRGBEncoder", "init_kwargs": {},
-          "note": "the pickle has no 'encoder'; upstream's generate_images.py then uses StandardRGBEncoder"}
+def _default_encoder(img_channels: int) -> Dict[str, Any]:
+  """The encoder of a pickle without one. Upstream's generate_images.py then uses StandardRGBEncoder, which fits
+  3-channel nets only; for a latent net the StabilityVAEEncoder with upstream's default statistics is assumed (and
+  the note says so)."""
+  missing = "the pickle has no 'encoder'; "
+  if img_channels == 3:
+    return {"class_name": "StandardRGBEncoder", "init_kwargs": {},
+            "note": missing + "upstream's generate_images.py then uses StandardRGBEncoder"}
+  d = edm2_encoders.STABILITY_DEFAULTS
+  scale, bias = edm2_encoders.stability_constants(d["raw_mean"], d["raw_std"], d["final_mean"], d["final_std"])
+  return {"class_name": "StabilityVAEEncoder", "init_kwargs": {}, "scale": [float(v) for v in scale],
+          "bias": [float(v) for v in bias], "vae_name": d["vae_name"], "batch_size": d["batch_size"],
+          "note": missing + f"a {img_channels}-channel latent net: assumed StabilityVAEEncoder with upstream's default "
+                  "raw_mean/raw_std/final_std (upstream's generate_images.py would fall back to StandardRGBEncoder, "
+                  "which cannot decode latents); check these against how the net was trained"}
 
 
 def _check_encoder(encoder: Mapping[str, Any], config: Mapping[str, Any], path: str) -> None:
@@ -242,18 +256,22 @@ def convert_edm2_pickle(path, which: str = "ema") -> Tuple[dict, dict, dict, dic
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
   edm._check_not_state_dict_file(path)  # pylint: disable=protected-access
-  data = torch_pickle.load_persistence_pickle(path)
+  return convert_edm2_data(torch_pickle.load_persistence_pickle(path), path, which)
+
+
+def convert_edm2_data(data: Mapping, path: str, which: str = "ema") -> Tuple[dict, dict, dict, dict]:
+  """:func:`convert_edm2_pickle` on the already read top level of a pickle (``path`` names it in messages)."""
   record = _select_record(data, path, which)
+  state_dict = torch_pickle.module_state_dict(record)
+  variables, config = convert_edm2_state_dict(state_dict, torch_pickle.init_kwargs(record),
+                                              torch_pickle.class_name(record))
   enc = data.get("encoder")
   if enc is None:
-    encoder = _default_encoder()
+    encoder = _default_encoder(config["img_channels"])
   elif isinstance(enc, torch_pickle.PersistentRecord):
     encoder = encoder_description(enc)
   else:
     raise CheckpointFormatError(f"{path}: 'encoder' is a {type(enc).__name__}, not a persistent encoder object")
-  state_dict = torch_pickle.module_state_dict(record)
-  variables, config = convert_edm2_state_dict(state_dict, torch_pickle.init_kwargs(record),
-                                              torch_pickle.class_name(record))
   _check_encoder(encoder, config, path)
   report = _report(path, data, which, record, state_dict, variables, encoder)
   report["gain_dtype"] = _stored_gain_dtype(state_dict)
