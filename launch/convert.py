@@ -236,8 +236,8 @@ def _print_edm2_report(report: dict, encoder: dict, out: pathlib.Path) -> None:
   if not report["sources_match_upstream"]:
     print("  note: some sources differ from upstream (a DDO pickle may carry modified code); rerun with "
           "--dump_sources to diff them as text against the upstream files")
-  print(f"wrote       {out}/params (Orbax {{'params': ..., 'buffers': ...}}) and {out}/model.json")
-  print(f"export with python -m launch.convert export-edm2 --src {out} --out X.safetensors [--dtype float16]")
+  print(f"wrote       {out}/params (Orbax {{'params': {{'params': ..., 'buffers': ...}}}}) and {out}/model.json")
+  print(f"use it as   init.checkpoint={out} ; export with python -m launch.convert export-edm2 --src {out} --out X.safetensors [--dtype float16]")
 
 
 def run_edm2(src: str, out: str, which: str, overwrite: bool, dump_sources: bool) -> None:
@@ -284,7 +284,7 @@ def run_sd_vae(src: str, out: str, overwrite: bool) -> None:
 
 def _load_edm2_for_export(src: str, model):
   """(variables, net_config) from a converted EDM2 dir (params/ + model.json), a round dir (chosen/ + model.json),
-  or any Orbax dir ({'params', 'buffers'}) together with --model."""
+  or any Orbax dir ({'params': variables} or the bare variables) together with --model."""
   from ddo_jax.convert import edm2  # pylint: disable=import-outside-toplevel
   src_path = pathlib.Path(src)
   if not src_path.is_dir():
@@ -297,9 +297,9 @@ def _load_edm2_for_export(src: str, model):
     model = src_path
   config = edm2.read_model_json(model)["net"]
   orbax_dir = next((d for d in (src_path / edm2.PARAMS_DIR, src_path / "chosen") if d.is_dir()), src_path)
-  tree = edm2.load_params_dir(orbax_dir)
-  edm2.check_variables(tree, config, where=str(orbax_dir))
-  return tree, config
+  variables = edm2.variables_of(edm2.load_params_dir(orbax_dir), str(orbax_dir))
+  edm2.check_variables(variables, config, where=str(orbax_dir))
+  return variables, config
 
 
 def run_export_edm2(src: str, out: str, model, fmt, dtype: str, overwrite: bool) -> None:

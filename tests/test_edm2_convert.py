@@ -212,6 +212,9 @@ def test_save_and_load_converted(tmp_path):
   _assert_same_tree(loaded, variables)
   assert config2 == config and meta["family"] == "edm2" and meta["gain_dtype"] == "float16"
   assert meta["encoder"]["class_name"] == "StabilityVAEEncoder" and meta["source"]["param_count"] == 724_267
+  assert edm2.variables_of(dict(variables)) == variables  # bare variables are accepted too
+  with pytest.raises(edm.CheckpointFormatError, match="expected an Orbax tree"):
+    edm2.variables_of({"params": variables["params"]})
   with pytest.raises(FileExistsError, match="not empty"):
     edm2.save_converted(out, variables, config, encoder, report)
   edm2.save_converted(out, variables, config, encoder, report, overwrite=True)
@@ -344,9 +347,13 @@ def test_cli_edm2_then_export(tmp_path):
   assert proc.returncode == 0, proc.stderr
   _assert_same_state(torch_pickle.load_torch_state_dict(tmp_path / "ddo.safetensors"), state)
 
-  # A round's chosen/ (bare Orbax {'params', 'buffers'}) with --model.
-  variables, _, _ = edm2.load_converted(out)
-  tree_io.save_tree(tmp_path / "round_001" / "chosen", variables)
+  # The driver's view of DIR/params: load_tree(..., {'params': <the family's whole variable tree>})['params'].
+  variables, config, _ = edm2.load_converted(out)
+  abstract = edm2_unet.abstract_variables(edm2_unet.build_precond(config))
+  loaded = tree_io.load_tree(out / "params", {"params": tree_io.abstract_like(abstract)})["params"]
+  _assert_same_tree(jax.device_get(loaded), variables)
+  # A round's chosen/ ({'params': variables}, as the driver saves it) with --model.
+  tree_io.save_tree(tmp_path / "round_001" / "chosen", {"params": variables})
   proc = _cli("export-edm2", "--src", tmp_path / "round_001" / "chosen", "--model", out / "model.json",
               "--out", tmp_path / "ddo.pt")
   assert proc.returncode == 0, proc.stderr

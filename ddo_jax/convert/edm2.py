@@ -15,6 +15,7 @@ Public API:
   encoder_description(record) -> the JSON description of a pickled encoder
   save_converted(out_dir, variables, net_config, encoder, report, overwrite=False, gain_dtype=None)
   load_converted(out_dir) -> (variables, net_config, meta)
+  variables_of(orbax_tree) -> the {'params', 'buffers'} variables of {'params': variables} or of bare variables
   build_net(meta, precision='highest') -> the edm2_unet.Precond that model.json describes
   check_variables(variables, net_config, where)
   state_dict_problems({key: shape}, net_config) -> {'missing', 'unexpected', 'mismatched'}
@@ -22,8 +23,10 @@ Public API:
 
 Output layout of :func:`save_converted`::
 
-  out_dir/params/      Orbax tree {'params': {...}, 'buffers': {...}}: the Flax variables of edm2_unet.Precond
-                       (numpy float32; the float16 values of the pickle widened exactly)
+  out_dir/params/      Orbax tree {'params': {'params': {...}, 'buffers': {...}}}: the Flax variables of
+                       edm2_unet.Precond (numpy float32; the pickle's float16 values widened exactly), wrapped as every
+                       round's chosen/ is (what launch/train.py loads as init.checkpoint for the EDM2 family, whose
+                       parameters are the whole variable tree)
   out_dir/model.json   {'family': 'edm2', 'net': <config for edm2_unet.build_precond>, 'gain_dtype': 'float16' or
                         null, 'encoder': <encoder description>, 'source': <report>}
 
@@ -62,6 +65,7 @@ __all__ = [
     "read_model_json",
     "save_converted",
     "state_dict_problems",
+    "variables_of",
 ]
 
 FAMILY = "edm2"
@@ -285,13 +289,14 @@ def convert_edm2_data(data: Mapping, path: str, which: str = "ema") -> Tuple[dic
 def save_converted(out_dir, variables, net_config: Mapping[str, Any], encoder: Mapping[str, Any],
                    report: Mapping[str, Any], overwrite: bool = False,
                    gain_dtype: Optional[str] = "from_report") -> pathlib.Path:
-  """Writes ``out_dir/params`` (Orbax ``{'params', 'buffers'}``) and ``out_dir/model.json`` atomically."""
+  """Writes ``out_dir/params`` (Orbax ``{'params': variables}``) and ``out_dir/model.json`` atomically."""
   if gain_dtype == "from_report":
     gain_dtype = report.get("gain_dtype")
   check_variables(variables, net_config)
   meta = {"family": FAMILY, "net": json.loads(json.dumps(dict(net_config))), "gain_dtype": gain_dtype,
           "encoder": json.loads(json.dumps(dict(encoder))), "source": dict(report)}
-  trees = {PARAMS_DIR: {"params": variables["params"], edm2_unet.BUFFERS: variables[edm2_unet.BUFFERS]}}
+  trees = {PARAMS_DIR: {"params": {"params": variables["params"],
+                                   edm2_unet.BUFFERS: variables[edm2_unet.BUFFERS]}}}
   return write_dir_atomically(out_dir, trees, meta, overwrite=overwrite)
 
 
@@ -343,15 +348,26 @@ def check_variables(variables, net_config, where: str = "variables") -> None:
     raise ValueError("\n".join(lines))
 
 
+def variables_of(tree, where: str = "tree") -> dict:
+  """The ``{'params', 'buffers'}`` variables in an Orbax tree: ``{'params': variables}`` (a converted folder's
+  params/, a round's chosen/) or the bare variables."""
+  if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
+    inner = tree["params"]
+    if edm2_unet.BUFFERS in inner and "params" in inner:
+      return dict(inner)
+    if edm2_unet.BUFFERS in tree:
+      return dict(tree)
+  raise CheckpointFormatError(f"{where}: expected an Orbax tree {{'params': {{'params': ..., 'buffers': ...}}}} "
+                              f"(EDM2 variables)")
+
+
 def load_converted(out_dir) -> Tuple[dict, dict, dict]:
   """``(variables, net_config, meta)`` from a folder written by :func:`save_converted` (numpy arrays)."""
   out = pathlib.Path(out_dir)
   meta = read_model_json(out)
-  tree = load_params_dir(out / PARAMS_DIR)
-  if not isinstance(tree, Mapping) or "params" not in tree or edm2_unet.BUFFERS not in tree:
-    raise CheckpointFormatError(f"{out / PARAMS_DIR}: expected an Orbax tree {{'params': ..., 'buffers': ...}}")
-  check_variables(tree, meta["net"], where=str(out / PARAMS_DIR))
-  return dict(tree), meta["net"], meta
+  variables = variables_of(load_params_dir(out / PARAMS_DIR), str(out / PARAMS_DIR))
+  check_variables(variables, meta["net"], where=str(out / PARAMS_DIR))
+  return variables, meta["net"], meta
 
 
 # ---------------------------------------------------------------------------------------------------------------------
