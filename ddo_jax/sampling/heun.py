@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -30,7 +31,8 @@ def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float =
 def heun_sample(denoise: Callable, latents: jax.Array, labels: Optional[jax.Array] = None, *,
                 num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                 S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
-                keys: Optional[jax.Array] = None, return_trajectory: bool = False):
+                keys: Optional[jax.Array] = None, return_trajectory: bool = False,
+                t_steps: Optional[np.ndarray] = None):
   """Run EDM's Heun sampler from standard-normal `latents` [B, ...].
 
   Args:
@@ -41,13 +43,20 @@ def heun_sample(denoise: Callable, latents: jax.Array, labels: Optional[jax.Arra
     S_churn, S_min, S_max, S_noise: stochasticity (0 churn = deterministic ODE sampler).
     keys: per-sample PRNG keys [B] for the churn noise; required when S_churn > 0.
     return_trajectory: also return a dict with every state, Euler prediction and denoiser output.
+    t_steps: optional precomputed [num_steps + 1] time steps (last 0) replacing
+      `edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)`, e.g. `torch_sigma_steps`'s.
 
   Returns:
     The final samples (dtype of latents), and the trajectory dict if requested.
   """
   dtype = latents.dtype
   batch = latents.shape[0]
-  t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype)
+  if t_steps is None:
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype)
+  else:
+    if np.shape(t_steps) != (num_steps + 1,):
+      raise ValueError(f"t_steps has shape {np.shape(t_steps)}, expected ({num_steps + 1},)")
+    t_steps = jnp.asarray(t_steps, dtype)
   gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
   if S_churn > 0 and keys is None:
     raise ValueError("heun_sample: S_churn > 0 needs per-sample `keys`")
@@ -94,3 +103,84 @@ def heun_sample(denoise: Callable, latents: jax.Array, labels: Optional[jax.Arra
       "denoised_second": d_second[:-1],   # D at (x_euler_i, t_{i+1}), none on the last step
   }
   return x_final, trajectory
+
+
+def torch_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                      dtype=np.float32) -> np.ndarray:
+  """EDM's rho-schedule [num_steps + 1] (last 0) on the host, rounded as upstream's torch code rounds it.
+
+  Upstream (EDM2 `edm_sampler`) evaluates `(smax^(1/rho) + i / (N - 1) * (smin^(1/rho) - smax^(1/rho)))
+  ** rho` on a `dtype` tensor: the Python-double constants are rounded to `dtype`, each operation is
+  rounded to `dtype`, and the power is (nearly always) correctly rounded. `edm_sigma_steps` traces the
+  same formula in XLA, whose float32 power differs from torch's by an ulp at some steps.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  dt = np.dtype(dtype)
+  i = np.arange(num_steps, dtype=dt)
+  frac = i / dt.type(max(num_steps - 1, 1))
+  base = dt.type(sigma_max ** (1 / rho)) + frac * dt.type(sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+  t = (base.astype(np.float64) ** np.float64(rho)).astype(dt)
+  return np.concatenate([t, np.zeros([1], dt)])
+
+
+def torch_lerp(start: jax.Array, end: jax.Array, weight: float) -> jax.Array:
+  """torch.lerp(start, end, weight) with a Python scalar weight, in the arrays' dtype.
+
+  torch evaluates start + w (end - start) for |w| < 0.5 and end + (w - 1) (end - start) otherwise, with
+  w and w - 1 rounded to the arrays' dtype (its CPU kernel fuses the multiply-add; XLA rounds twice,
+  an ulp-level difference).
+  """
+  dt = start.dtype
+  w = np.asarray(weight, dt)
+  if abs(weight) < 0.5:
+    return start + w * (end - start)
+  return end + (w - np.asarray(1, dt)) * (end - start)
+
+
+def guided_denoiser(denoise: Callable, guide: Optional[Callable] = None, guidance: float = 1.0) -> Callable:
+  """EDM2's autoguided denoiser: (x, sigma, labels) -> lerp(guide(x), denoise(x), guidance).
+
+  guidance == 1 returns `denoise` itself (the guide is never called, as upstream); otherwise both
+  networks get the same x, sigma and labels and their float32 outputs are combined as
+  `D_guide.lerp(D, guidance)` = D_guide + guidance (D - D_guide). `guidance` is a Python float (static).
+  """
+  guidance = float(guidance)
+  if guidance == 1.0:
+    return denoise
+  if guide is None:
+    raise ValueError(f"guidance {guidance} != 1 needs a guide network")
+
+  def fn(x, sigma, labels):
+    d = denoise(x, sigma, labels).astype(jnp.float32)
+    d_guide = guide(x, sigma, labels).astype(jnp.float32)
+    return torch_lerp(d_guide, d, guidance)
+
+  return fn
+
+
+def edm2_heun_sample(denoise: Callable, noise: jax.Array, labels: Optional[jax.Array] = None, *,
+                     guide: Optional[Callable] = None, guidance: float = 1.0, num_steps: int = 32,
+                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
+                     keys: Optional[jax.Array] = None, return_trajectory: bool = False):
+  """EDM2 `generate_images.py` `edm_sampler`: EDM's Heun sampler around an autoguided denoiser.
+
+  Signature: edm2_heun_sample(denoise, noise, labels=None, *, guide=None, guidance=1.0, num_steps=32,
+                              sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
+                              S_max=inf, S_noise=1.0, keys=None, return_trajectory=False)
+
+  The same algorithm as `heun_sample` (which runs it) with EDM2's defaults (32 steps, 63 network
+  evaluations per network), `guided_denoiser(denoise, guide, guidance)` as the denoiser and the time
+  steps of `torch_sigma_steps` (upstream's float32 rounding: bit for bit on the goldens; torch's
+  vectorized float32 power differs from a correctly rounded one by an ulp at one step of 32 or 64).
+  Upstream runs it in float32 (its `dtype` default): pass float32 `noise`; float64 noise inside
+  `jax.enable_x64(True)` gives a float64 sampler state.
+  `denoise`/`guide`: (x float32 [B, ...], sigma float32 [B], labels) -> D.
+  Returns the final samples (x at t_N = 0), and the trajectory dict of `heun_sample` if asked (its
+  denoiser outputs are the guided ones). Pure: jit it; the batch may be sharded over any mesh.
+  """
+  return heun_sample(guided_denoiser(denoise, guide, guidance), noise, labels, num_steps=num_steps,
+                     sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, S_churn=S_churn, S_min=S_min,
+                     S_max=S_max, S_noise=S_noise, keys=keys, return_trajectory=return_trajectory,
+                     t_steps=torch_sigma_steps(num_steps, sigma_min, sigma_max, rho, noise.dtype))
