@@ -220,6 +220,9 @@ def _print_edm2_report(report: dict, encoder: dict, out: pathlib.Path) -> None:
   print(f"params      {report['param_count']:,} parameters; {report['state_dict_entries']} state_dict entries "
         f"({report['buffers']} Fourier buffers, {report['buffer_count']:,} values, kept); stored as "
         f"{'/'.join(report['stored_dtypes'])}, converted to float32 exactly")
+  kc = report["key_check"]
+  print(f"keys        {report['state_dict_entries']} of {kc['expected']} expected state_dict entries: "
+        f"{kc['missing']} missing, {kc['unexpected']} unexpected, {kc['mismatched']} shape mismatches")
   if report.get("gain_dtype"):
     print(f"gains       {report['gain_dtype']}: model.json records gain_dtype={report['gain_dtype']!r} so that "
           f"edm2.build_net reproduces the pickle's forward (gain / sqrt(fan_in) rounded as upstream)")

@@ -146,6 +146,7 @@ def test_report(name):
   assert report["param_count"] == sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(variables["params"]))
   assert report["state_dict_entries"] == len(state) and report["buffers"] == 4
   assert report["stored_dtypes"] == ["float16"]
+  assert report["key_check"] == {"expected": len(state), "missing": 0, "unexpected": 0, "mismatched": 0}
   assert report["init_kwargs"] == fixture["construction"]["ema_init_kwargs"]
   assert report["loss_fn"]["class_name"] == "EDM2Loss"
   # Embedded sources: hashed as stored (placeholders here), each flagged as not upstream.
@@ -334,7 +335,8 @@ def test_cli_edm2_then_export(tmp_path):
   assert proc.returncode == 0, proc.stderr
   dumped = sorted(p.read_text() for p in (out / "module_src").iterdir())  # the placeholders, as text
   assert len(dumped) == 3 and all(t.startswith("# source of training/") for t in dumped), dumped
-  for needle in ("Precond + UNet", "181,691 parameters", "63 state_dict entries", "StandardRGBEncoder",
+  for needle in ("Precond + UNet", "181,691 parameters", "63 state_dict entries", "63 of 63 expected state_dict entries: 0 missing, 0 unexpected, 0 shape mismatches",
+                 "StandardRGBEncoder",
                  "Block, EDM2Loss, MPConv, MPFourier, Precond, StandardRGBEncoder, UNet", "differs from upstream",
                  f"wrote       {out}/params"):
     assert needle in proc.stdout, (needle, proc.stdout)

@@ -279,6 +279,9 @@ def convert_edm2_data(data: Mapping, path: str, which: str = "ema") -> Tuple[dic
   _check_encoder(encoder, config, path)
   report = _report(path, data, which, record, state_dict, variables, encoder)
   report["gain_dtype"] = _stored_gain_dtype(state_dict)
+  # Conversion got here, so these are empty; recorded so that model.json says what was checked.
+  report["key_check"] = dict(expected=len(edm2_names.expected_entries(config)), **{
+      k: len(v) for k, v in state_dict_problems({k: np.shape(v) for k, v in state_dict.items()}, config).items()})
   return variables, config, encoder, report
 
 
