@@ -166,7 +166,7 @@ def test_os_system_pickle_refused(tmp_path):
 
 @pytest.mark.parametrize("fixture", ["edm2_tiny_latent.pkl", "edm2_tiny_img_guide.pkl"])
 def test_edm2_refused(fixture):
-  with pytest.raises(edm.UnsupportedCheckpointError, match="EDM2 network pickle.*not supported"):
+  with pytest.raises(edm.UnsupportedCheckpointError, match="EDM2 network pickle.*not supported by the EDM converter.*launch.convert edm2"):
     edm.convert_edm_pickle(golden_path("formats", fixture))
 
 

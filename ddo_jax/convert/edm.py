@@ -185,9 +185,9 @@ def _check_not_state_dict_file(path: str) -> None:
 def _edm2_message(path: str, why: str) -> str:
   """The refusal message for an EDM2 pickle; ``why`` says how it was recognized."""
   return (f"{path}: this is an EDM2 network pickle ({why}; NVlabs/edm2 networks_edm2.py). EDM2 is a different "
-          f"family (magnitude-preserving UNet, Precond/UNet/MPConv classes, fp16, optional VAE encoder) and is not "
-          f"supported by this converter yet; only EDM (NVlabs/edm) EDMPrecond/VPPrecond/VEPrecond + SongUNet "
-          f"pickles are.")
+          f"family (magnitude-preserving UNet, Precond/UNet/MPConv classes, fp16, optional VAE encoder), not "
+          f"supported by the EDM converter, which reads EDM (NVlabs/edm) EDMPrecond/VPPrecond/VEPrecond + SongUNet "
+          f"pickles; convert it with `python -m launch.convert edm2`.")
 
 
 def _select_record(data: Mapping, path: str, which: str):
