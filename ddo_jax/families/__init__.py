@@ -12,6 +12,7 @@ REGISTRY = {
     "toy_diffusion": "ddo_jax.families.toy_diffusion:ToyDiffusion",
     "toy_grid": "ddo_jax.families.toy_grid:ToyGrid",
     "edm": "ddo_jax.families.edm:EDM",
+    "edm2": "ddo_jax.families.edm2:EDM2",
 }
 
 

@@ -1,0 +1,311 @@
+"""EDM2 family (Karras et al. 2024): the magnitude-preserving U-Net with EDM2's Precond, on pixels (img64)
+or on Stable Diffusion VAE latents (img512).
+
+DDO's log-ratio is the EDM-form surrogate of METHOD.md §2.2 (`ddo_jax.families.diffusion`) on the Precond
+output D: one log-normal sigma and one noise tensor per index, shared by real i, fake i, target and
+reference; lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; the squared error summed over
+H, W, C; float32; no dropout; EDM2's learned log-variance is not used (no logvar weighting, and
+`logvar_linear` gets no gradient).
+
+Parameters are the whole variable tree of the Precond, {'params': ..., 'buffers': ...}: the MPFourier
+buffers ride along (the forward reads them under stop_gradient, so Adam's update of them is exactly zero
+and they never change).
+
+Forced weight normalization: upstream's MPConv overwrites its weight with normalize(weight) at every
+train-mode forward, outside autograd, and normalizes again inside the forward. Here `project_params`
+applies `forced_weight_normalization` after every optimizer update (not differentiated) and the forward
+keeps its own normalize, so from the second step on the stored weights, the forward and the gradient are
+upstream's (goldens ddo/edm2_loss: `state_after`, `grads`). `logvar_linear` is left alone, as upstream
+leaves it when the forward does not ask for logvar. One difference: at a round's first step the target
+equals the reference as stored (not normalized), so the first gradient is taken at theta_ref instead of
+normalize(theta_ref) and the loss at that step is exactly (1 + alpha) log 2 (upstream: 3.4446 on the
+goldens' net), see the report of issue 13.
+
+Latents (space='latent', img512): the data holds EDM2's raw VAE moments, mean and std concatenated on the
+channel axis (8 channels for the SD VAE). A fresh posterior sample, (mean + std * n) * scale + bias with
+EDM2's StabilityVAEEncoder scale and bias, is drawn inside every training step from the step's key.
+Negatives are latents from the sampler, used as they are.
+
+Negatives and evaluation samples come from the Heun sampler of `ddo_jax.sampling.heun` (EDM2's unguided
+edm_sampler is the same algorithm; 32 steps = 63 NFE by default). Labels are class-balanced (label =
+seed mod label_dim, DDO's EDM2_sample.py protocol) unless model.labels='random'.
+"""
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddo_jax import cli
+from ddo_jax.families import diffusion
+from ddo_jax.families.edm import EDM, to_uint8
+from ddo_jax.families.base import Family
+from ddo_jax.nets import edm2_unet
+from ddo_jax.nets.edm2_encoders import stability_constants
+from ddo_jax.sampling.heun import heun_sample
+from ddo_jax.utils import flatten_dict, log
+
+SPACES = ("pixel", "latent")
+# EDM2's StabilityVAEEncoder statistics of sd-vae-ft-mse latents on ImageNet (METHOD.md §2.5).
+STABILITY_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
+STABILITY_RAW_STD = (4.17, 4.62, 3.71, 3.28)
+
+
+def _plain(config) -> dict:
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(d, default=list))
+
+
+def _comparable(net: dict) -> dict:
+  """A net config without what DDO may change (dropout) or what this port ignores (use_fp16)."""
+  net = json.loads(json.dumps(net, default=list))
+  net.pop("use_fp16", None)
+  net.get("unet_kwargs", {}).pop("dropout", None)
+  return net
+
+
+def synthetic_latents(num: int, resolution: int, channels: int, label_dim: int, seed: int = 0):
+  """SYNTHETIC stand-in raw VAE moments (not ImageNet): per class a smooth random mean field around EDM2's
+  raw latent statistics, per example a perturbation of it, and a constant std; labels seed mod label_dim.
+  Returns (moments [num, r, r, 2 * channels] float32, labels [num] int)."""
+  rng = np.random.default_rng([seed, 11])
+  mean0 = np.resize(np.asarray(STABILITY_RAW_MEAN, np.float32), channels)
+  std0 = np.resize(np.asarray(STABILITY_RAW_STD, np.float32), channels)
+  yy, xx = np.mgrid[0:resolution, 0:resolution] / max(resolution - 1, 1)
+  fx, fy, ph = (rng.uniform(0.5, 2.0, (label_dim, channels)), rng.uniform(0.5, 2.0, (label_dim, channels)),
+                rng.uniform(0, 2 * np.pi, (label_dim, channels)))
+  labels = np.arange(num) % label_dim
+  field = np.sin(2 * np.pi * (fx[labels, None, None, :] * xx[None, :, :, None]
+                              + fy[labels, None, None, :] * yy[None, :, :, None]) + ph[labels, None, None, :])
+  mean = mean0 + std0 * (field + 0.2 * rng.standard_normal(field.shape))
+  std = np.broadcast_to(0.1 * std0, mean.shape)
+  return np.concatenate([mean, std], axis=-1).astype(np.float32), labels
+
+
+class EDM2(EDM):
+  """The family object; `config` is the run config's `model` block (see configs/edm2_img64.py).
+
+  Shares EDM's host side (FID through the Inception evaluator, the denoise-loss metric, the image grid,
+  label sampling); the network, the parameter tree, the latent space and the data differ.
+  """
+  name = "edm2"
+  metric_mode = "min"
+
+  def __init__(self, config):
+    Family.__init__(self, config)
+    self._source = self._val_fn = self._evaluator = None
+    self.net_config = _plain(config.net)
+    if self.net_config.get("class_name", "Precond") != "Precond":
+      raise cli.ConfigError(f"model.net.class_name={self.net_config.get('class_name')!r} is not EDM2's Precond",
+                            "config.model.net", "build it with ddo_jax.convert.edm2_names.config_from_init_kwargs")
+    if self.net_config.get("unet_kwargs", {}).get("dropout", 0.0):
+      raise cli.ConfigError("DDO runs EDM2 without dropout (METHOD.md §2.2 item 7)",
+                            "config.model.net.unet_kwargs.dropout", "set it to 0.0")
+    self.net = edm2_unet.build_precond(self.net_config)
+    self.label_dim = int(self.net_config["label_dim"])
+    r, c = self.net_config["img_resolution"], self.net_config["img_channels"]
+    self.sample_shape = (r, r, c)
+    self.sigma_data = float(self.net_config.get("sigma_data", 0.5))
+    self.space = config.get("space", "pixel")
+    if self.space not in SPACES:
+      raise cli.ConfigError(f"model.space={self.space!r} is not one of {SPACES}", "config.model.space",
+                            "use 'pixel' (img64) or 'latent' (img512)")
+    if self.space == "latent":
+      lat = config.latent
+      self.latent_scale, self.latent_bias = stability_constants(
+          list(lat.raw_mean), list(lat.raw_std), float(lat.final_mean), float(lat.final_std))
+      if self.latent_scale.shape != (c,):
+        raise cli.ConfigError(f"model.latent has {self.latent_scale.shape[0]} channels, the net {c}",
+                              "config.model.latent.raw_mean", "give one raw_mean / raw_std per latent channel")
+    if config.labels not in ("random", "balanced"):
+      raise cli.ConfigError(f"model.labels={config.labels!r} is not a labelling", "config.model.labels",
+                            "use 'balanced' (label = seed mod label_dim, DDO's EDM2 protocol) or 'random'")
+    self._check_data()
+    if config.metric == "fid":
+      if self.space == "latent":
+        raise cli.ConfigError("model.metric='fid' on latents needs the SD VAE decoder, which this family "
+                              "does not wire up yet", "config.model.metric",
+                              "use --config.model.metric=denoise_loss (and selection.metric), or sample "
+                              "with launch tools and decode outside")
+      e = config.eval
+      if not e.ref_stats:
+        raise cli.ConfigError("model.metric='fid' needs model.eval.ref_stats", "config.model.eval.ref_stats",
+                              "pass EDM2's dataset-refs img64.pkl, or make them with `python -m "
+                              "launch.evaluate --make_ref --images <dataset> --out ref.npz`")
+      import os
+      if not (e.inception or os.environ.get("DDO_JAX_INCEPTION")):
+        raise cli.ConfigError("model.metric='fid' needs model.eval.inception", "config.model.eval.inception",
+                              "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
+
+  def _check_data(self) -> None:
+    """Fail at start, in one line, for a dataset that is not there (or not readable yet)."""
+    d = self.config.data
+    if d.source == "synthetic":
+      return
+    what = "image zip at 64x64" if self.space == "pixel" else "latent zip (8-channel mean/std .npy)"
+    prep = ("prepare it with EDM2's dataset_tool.py (https://github.com/NVlabs/edm2): `python dataset_tool.py "
+            + ("convert --source=<ImageNet train> --dest=img64.zip --resolution=64x64 --transform=center-crop-dhariwal`"
+               if self.space == "pixel" else
+               "convert --source=<ImageNet train> --dest=img512.zip --resolution=512x512 --transform=center-crop-"
+               "dhariwal` then `python dataset_tool.py encode --source=img512.zip --dest=img512-sd.zip`")
+            + " and pass --config.model.data.path=ZIP")
+    if d.source != "edm2_zip":
+      raise cli.ConfigError(f"model.data.source={d.source!r} is not an EDM2 data source",
+                            "config.model.data.source", "use 'edm2_zip' or 'synthetic'")
+    if not d.path or not pathlib.Path(d.path).exists():
+      raise cli.ConfigError(f"EDM2 dataset ({what}) not found: {d.path or '<unset>'}", "config.model.data.path", prep)
+    raise cli.ConfigError(f"reading EDM2 dataset zips ({d.path}) is not implemented yet (ddo_jax/data/edm2_zip.py)",
+                          "config.model.data.source", "use --config.model.data.source=synthetic for a smoke run")
+
+  # --- pure functions -------------------------------------------------------------------------------
+  def init_params(self, rng):
+    return edm2_unet.init_variables(self.net, rng)
+
+  def denoise(self, params, x, sigma, labels=None):
+    return self.net.apply(params, x, sigma, labels)
+
+  def project_params(self, params):
+    """EDM2's forced weight normalization of every MPConv weight but logvar_linear's (unused by DDO)."""
+    out = dict(params)
+    out["params"] = edm2_unet.forced_weight_normalization(params["params"], exclude=("logvar_linear",))
+    return out
+
+  def encode_latents(self, moments, key):
+    """Raw VAE moments cat[mean, std] [B, h, w, 2C] -> a posterior sample, scaled as EDM2's encoder."""
+    mean, std = jnp.split(jnp.asarray(moments, jnp.float32), 2, axis=-1)
+    x = mean + jax.random.normal(key, mean.shape, jnp.float32) * std
+    return x * jnp.asarray(self.latent_scale) + jnp.asarray(self.latent_bias)
+
+  def real_x(self, real, key):
+    return self.encode_latents(real["x"], key) if self.space == "latent" else real["x"]
+
+  def log_ratio_given_noise(self, params, ref_params, x_real, x_fake, sigma, noise, labels_real=None,
+                            labels_fake=None):
+    """(gap_real, gap_fake) for given sigma [N] and noise = sigma * eps [N, ...] (shared by all four terms),
+    and the four log-likelihoods (for tests): logp_theta, logp_ref over [real; fake]."""
+    n = x_real.shape[0]
+    x = jnp.concatenate([x_real, x_fake])
+    noise2, sigma2 = jnp.concatenate([noise, noise]), jnp.concatenate([sigma, sigma])
+    labels = None if labels_real is None else jnp.concatenate([labels_real, labels_fake])
+    logp_theta = diffusion.weighted_logp(self.denoise, params, x, noise2, sigma2, labels, self.sigma_data)
+    logp_ref = jax.lax.stop_gradient(
+        diffusion.weighted_logp(self.denoise, ref_params, x, noise2, sigma2, labels, self.sigma_data))
+    gap = logp_theta - logp_ref
+    return (gap[:n], gap[n:]), (logp_theta, logp_ref)
+
+  def log_ratio(self, params, ref_params, batch, rng):
+    c = self.config
+    real, fake = batch["real"], batch["fake"]
+    lr, lf = (real.get("label"), fake.get("label")) if self.label_dim else (None, None)
+    if self.label_dim and (lr is None or lf is None):
+      raise ValueError("a class-conditional EDM2 needs labels on real and fake batches; the dataset has none")
+    k_post, k_noise = jax.random.split(rng)
+    x_real, x_fake = self.real_x(real, k_post), fake["x"]
+    sigma, eps = diffusion.draw_sigma_and_noise(k_noise, x_real.shape, P_mean=c.P_mean, P_std=c.P_std)
+    noise = sigma.reshape((-1,) + (1,) * (x_real.ndim - 1)) * eps
+    gaps, _ = self.log_ratio_given_noise(params, ref_params, x_real, x_fake, sigma, noise, lr, lf)
+    return gaps
+
+  pretrain_loss = Family.pretrain_loss   # no pretraining: EDM2 starts from a converted checkpoint
+
+  def sample(self, params, keys, seeds, dtype=jnp.float32):
+    """Heun samples (pixels in [-1, 1] or latents), one per (key, seed); labels balanced or random."""
+    s = self.config.sampler
+    latents = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, dtype))(keys)
+    labels = self.labels_for(keys, seeds)
+    x = heun_sample(lambda x, sigma, l: self.denoise(params, x, sigma, l), latents, labels,
+                    num_steps=s.num_steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho,
+                    S_churn=s.S_churn, keys=keys)
+    out = {"x": x.astype(jnp.float32)}
+    if labels is not None:
+      out["label"] = labels
+    return out
+
+  def model_json(self) -> dict:
+    meta = {"family": "edm2", "net": self.net_config, "space": self.space}
+    if self.space == "latent":
+      meta["latent"] = {"scale": self.latent_scale.tolist(), "bias": self.latent_bias.tolist()}
+    return meta
+
+  def check_converted(self, model_json_path) -> None:
+    path = pathlib.Path(model_json_path)
+    if not path.exists():
+      return
+    meta = json.loads(path.read_text())
+    if meta.get("family") != "edm2":
+      raise ValueError(f"{path} describes a {meta.get('family')!r} checkpoint, not an EDM2 one")
+    a, b = _comparable(self.net_config), _comparable(meta["net"])
+    if a != b:
+      fa, fb = flatten_dict(a), flatten_dict(b)
+      diff = [f"{k}: config {fa.get(k)!r} vs checkpoint {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+              if fa.get(k) != fb.get(k)]
+      raise ValueError(f"the network in {path} differs from config.model.net:\n  " + "\n  ".join(diff))
+
+  # --- data and evaluation (host side) --------------------------------------------------------------
+  def real_source(self, seed: int):
+    """Training examples {'x', 'label'}: images in [-1, 1] (pixel) or raw VAE moments (latent)."""
+    del seed
+    if self._source is None:
+      d = self.config.data
+      r, c = self.sample_shape[0], self.sample_shape[2]
+      if d.source != "synthetic":
+        self._check_data()
+      if self.space == "pixel":
+        from ddo_jax.data import cifar10
+        if self.label_dim not in (0, cifar10.NUM_CLASSES):
+          raise cli.ConfigError("synthetic pixel data has 10 classes", "config.model.net.label_dim", "use 10 or 0")
+        self._source = cifar10.load_synthetic(int(d.num), r)
+        log.warning("EDM2 training data is SYNTHETIC (class-coloured discs, not ImageNet)")
+      else:
+        moments, labels = synthetic_latents(int(d.num), r, c, max(self.label_dim, 1))
+        onehot = np.eye(max(self.label_dim, 1), dtype=np.float32)[labels]
+
+        def source(indices):
+          idx = np.asarray(indices, np.int64).reshape(-1)
+          out = {"x": moments[idx]}
+          if self.label_dim:
+            out["label"] = onehot[idx]
+          return out
+
+        self._source = (source, len(moments))
+        log.warning("EDM2 training data is SYNTHETIC latents (%d, %dx%dx%d moments), not ImageNet VAE latents",
+                    len(moments), r, r, 2 * c)
+    return self._source
+
+  def ground_truth(self, seed: int, num: int) -> np.ndarray:
+    source, n = self.real_source(seed)
+    idx = np.sort(np.random.default_rng([seed, 4]).choice(n, size=min(num, n), replace=False))
+    x = source(idx)["x"]
+    if self.space == "latent":
+      x = np.asarray(self.encode_latents(x, jax.random.key(seed)))
+    return np.asarray(x)
+
+  def _denoise_loss(self, params, seed: int) -> float:
+    """EDM's weighted denoising loss on a fixed held-out batch at fixed noise levels (latents: a fixed
+    posterior sample)."""
+    source, n = self.real_source(seed)
+    idx = np.random.default_rng([seed, 9]).permutation(n)[:min(n, self.config.eval_batch)]
+    batch = source(idx)
+    fn = self._val_fn
+    if fn is None:
+      def loss(p, x, labels):
+        if self.space == "latent":
+          x = self.encode_latents(x, jax.random.key(seed + 1))
+        sigma = jnp.exp(jnp.linspace(-3.0, 2.0, x.shape[0]))
+        eps = jax.random.normal(jax.random.key(seed), x.shape, jnp.float32)
+        noise = sigma.reshape(-1, 1, 1, 1) * eps
+        return -jnp.mean(diffusion.weighted_logp(self.denoise, p, x, noise, sigma, labels, self.sigma_data))
+      fn = self._val_fn = jax.jit(loss)
+    labels = jnp.asarray(batch["label"]) if self.label_dim and "label" in batch else None
+    return float(fn(params, jnp.asarray(batch["x"]), labels))
+
+  def plot_samples(self, ax, x, title):
+    if self.space == "latent":
+      # Latents shown as they are (channels 0-2 mapped from EDM2's +-2 range), not decoded by the VAE.
+      x = np.asarray(x)[..., :3] / 2.0
+    EDM.plot_samples(self, ax, x, title)
+
+
+__all__ = ["EDM2", "synthetic_latents", "to_uint8"]
