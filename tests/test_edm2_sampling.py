@@ -167,7 +167,8 @@ def _golden_run_dpmv3(run, return_trajectory=False):
   return _run_dpmv3(run, return_trajectory=return_trajectory)
 
 
-def _run_dpmv3(run, noise=None, labels=None, shardings=None, return_trajectory=False, num_steps=None):
+def _run_dpmv3(run, noise=None, labels=None, shardings=None, return_trajectory=False, num_steps=None,
+               dtype=jnp.float64):
   meta = load_json("edm2", "dpmv3_sampler", "config.json")
   cfg = meta["runs"][run]
   net_name = meta["net"].split("/")[-1]
@@ -179,7 +180,7 @@ def _run_dpmv3(run, noise=None, labels=None, shardings=None, return_trajectory=F
   gden = _denoiser(gname)
 
   def run_fn(v, gv, noise, labels):
-    return dpmv3.dpmv3_sample(den(v), noise.astype(jnp.float64), labels, guide=gden(gv),
+    return dpmv3.dpmv3_sample(den(v), noise.astype(dtype), labels, guide=gden(gv),
                               guidance=cfg["guidance"], num_steps=num_steps or int(io["num_steps"]),
                               return_trajectory=return_trajectory)
 
@@ -215,6 +216,21 @@ def test_dpmv3_final_state(run):
   assert err <= DPMV3_ATOL
   images = np.clip(_nchw(x).astype(np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
   assert np.max(np.abs(images.astype(int) - io["images"].astype(int))) <= 1
+
+
+def test_dpmv3_float32_state_and_short_schedules():
+  """A float32 solver state (no x64, e.g. on TPU) stays close to upstream's float64 one; plans of 1-3 steps
+  have upstream's orders (first order at both ends, the corrector from step 3 on)."""
+  x32, io = _run_dpmv3("short", dtype=jnp.float32)
+  assert x32.dtype == np.float32
+  err = _err(x32, io["x_final"])
+  print(f"DPM-Solver-v3 float32 state (6 steps): x_final max abs error {err:.3g}")
+  assert err <= DPMV3_ATOL   # even the float64 parity tolerance (measured 3.7e-6)
+  for n, order2, corrector in ((1, [False], [False]), (2, [False, False], [False, False]),
+                               (3, [False, True, False], [False, False, True])):
+    plan = dpmv3.dpmv3_plan(n)
+    assert list(plan["order2"]) == order2 and list(plan["corrector"]) == corrector, n
+    assert plan["indexes"][0] == 0 and plan["indexes"][-1] == dpmv3.STATISTICS_STEPS
 
 
 def test_dpmv3_guidance_changes_the_result():
