@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddo_jax.convert import edm2_names
 from ddo_jax.nets import edm2_unet
-from ddo_jax.sampling import dpmv3, heun, labels as labels_lib
+from ddo_jax import parallel
+from ddo_jax.sampling import dpmv3, heun, labels as labels_lib, seeded
 from tests.goldens import load_json, load_npz
 
 NET_ATOL = 1e-5          # a float32 network output
@@ -294,10 +295,34 @@ def _sharded_inputs(io_noise, io_labels, n):
   return _nhwc(noise), labels_lib.one_hot_labels(classes, io_labels.shape[1])
 
 
+def _seeded_dpmv3(mesh, num_steps=3):
+  """DPM-Solver-v3 as a family would run it: sampling.seeded's jitted (params, base key, seeds) program,
+  noise from each seed's key, balanced labels from each seed's position in the list (here 0..7)."""
+  meta = load_json("edm2", "dpmv3_sampler", "config.json")
+  net, variables = _net(meta["net"].split("/")[-1])
+  label_dim = net.label_dim
+  shape = (net.unet.img_resolution, net.unet.img_resolution, net.unet.img_channels)
+
+  def sample(v, keys, positions):
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    lab = labels_lib.one_hot_labels(labels_lib.balanced_classes(positions, label_dim), label_dim)
+    x = dpmv3.dpmv3_sample(lambda x, s, l: net.apply(v, x, s, l), noise.astype(jnp.float64), lab,
+                           num_steps=num_steps)
+    return {"x": x, "label": lab}
+
+  with jax.enable_x64(True):
+    fn = seeded.make_seeded_sampler(sample, mesh, parallel.replicated(mesh))
+    out = fn(variables, jax.random.key(0), jnp.arange(8, dtype=jnp.int32))
+    assert out["x"].sharding.is_equivalent_to(parallel.batch_sharding(mesh), out["x"].ndim)
+    np.testing.assert_array_equal(np.argmax(np.asarray(out["label"]), -1), np.arange(8) % label_dim)
+    return np.asarray(out["x"])
+
+
 @pytest.mark.parametrize("sampler", ["guided_heun", "dpmv3"])
 def test_sharded_equals_single_device(sampler):
-  """The guided Heun sampler of the fixture (two nets), and DPM-Solver-v3 unguided with 3 steps (first and
-  second order and the corrector; fewer steps keep it fast, the program is the same scan)."""
+  """The guided Heun sampler of the fixture (two nets, explicit shardings), and DPM-Solver-v3 unguided with
+  3 steps (first and second order and the corrector; fewer steps keep it fast, the program is the same
+  scan) through sampling.seeded over parallel.make_mesh's mesh."""
   devices = jax.devices()
   assert len(devices) == 8
   n = len(devices)
@@ -311,10 +336,8 @@ def test_sharded_equals_single_device(sampler):
     single = _run_guided_heun(noise, labels, False, ((one, one, one, one), one))
     atol = HEUN_ATOL
   else:
-    io = load_npz("edm2", "dpmv3_sampler", "short.npz")
-    noise, labels = _sharded_inputs(io["noise"], io["class_labels"], n)
-    sharded, _ = _run_dpmv3("short", noise, labels, ((repl, repl, batch, batch), batch), num_steps=3)
-    single, _ = _run_dpmv3("short", noise, labels, ((one, one, one, one), one), num_steps=3)
+    sharded, single = _seeded_dpmv3(parallel.make_mesh(devices=devices)), \
+        _seeded_dpmv3(parallel.make_mesh(devices=devices[:1]))
     atol = DPMV3_ATOL
   sharded, single = np.asarray(sharded), np.asarray(single)
   err = float(np.max(np.abs(sharded.astype(np.float64) - single)))
