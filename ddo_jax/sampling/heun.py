@@ -128,8 +128,9 @@ def fused_multiply_add(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
   """a * b + c rounded once (an FMA), for float32 or float64 arrays, from error-free transformations.
 
   XLA has no FMA operation; Veltkamp's split and Dekker's exact product give the rounding error of a * b,
-  Knuth's two-sum that of the addition, and the final sum rounds the exact result (the rare cases where
-  it would round twice do not occur for non-tiny operands). Finite inputs well inside the dtype's range.
+  Knuth's two-sum that of the addition, and the final sum adds the two errors back. That is the correctly
+  rounded a * b + c except in rare double-rounding cases (none seen: bit for bit on 10^6 random float32
+  and 3000 float64 triples and on the goldens' guided outputs). Finite inputs well inside the range.
   """
   dt = jnp.result_type(a, b, c)
   a, b, c = (jnp.asarray(v, dt) for v in (a, b, c))
