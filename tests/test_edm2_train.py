@@ -54,3 +54,10 @@ def test_full_variant_without_data_is_one_line(tmp_path, variant):
   assert len(lines) == 1 and lines[0].startswith("error: ") and "config.model.data.path" in lines[0], lines
   assert "dataset_tool.py" in lines[0]
   assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_bad_schedule_is_one_line(tmp_path):
+  out = _run("--config", "configs/edm2_img64.py:tiny", "--workdir", str(tmp_path / "w"),
+             "--config.optim.ref_steps=0", timeout=120)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1 and "(config.optim.ref_steps)" in lines[0], out.stderr[-2000:]

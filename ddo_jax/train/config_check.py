@@ -43,6 +43,13 @@ def validate(config) -> None:
   for r in c.sharding_rules:
     _require(len(r) == 2 and r[1] in ("replicate", "fsdp"), "sharding_rules",
              f"sharding_rules entries are (regex, 'replicate'|'fsdp'), got {tuple(r)}")
+  decay = c.optim.get("decay", "none")
+  _require(decay in ("none", "rsqrt"), "optim.decay",
+           f"optim.decay must be 'none' (warm-up, then constant) or 'rsqrt' (EDM2's 1/sqrt(step / ref_steps) "
+           f"after ref_steps), got {decay!r}")
+  if decay == "rsqrt":
+    _require(int(c.optim.get("ref_steps", 0)) >= 1, "optim.ref_steps",
+             f"optim.decay='rsqrt' needs optim.ref_steps >= 1 (EDM2's ref_batches), got {c.optim.get('ref_steps')}")
   impl = c.get("step_impl", "jit")
   _require(impl in ("jit", "shard_map"), "step_impl",
            f"step_impl must be 'jit' (XLA partitions the global step) or 'shard_map' (explicit per-device "
