@@ -12,9 +12,10 @@ Variants (`--config configs/edm2_img512.py:<variant>`):
 
 The `l` variant needs a converted EDM2 checkpoint (init.checkpoint) and EDM2's latent dataset zip
 (model.data.path=img512-sd.zip: 8-channel mean/std .npy per image plus dataset.json labels, made with EDM2's
-dataset_tool.py encode). Neither the EDM2 pickle converter nor the zip reader is written yet, and FID of
-latents needs the SD VAE decoder, which the family does not wire up: the variant stops at start with a
-one-line error.
+dataset_tool.py encode; read lazily by ddo_jax/data/edm2_zip.py). A missing zip stops the run at start with
+one line saying how to make it. No converter for EDM2 pickles exists yet, and FID of latents needs the SD VAE
+decoder, which the family does not wire up: with data present the variant stops at start with a one-line
+error on model.metric (use --config.model.metric=denoise_loss --config.selection.metric=denoise_loss).
 
 Sources: METHOD.md §2.2, §2.5, §4.1, §5; ARCHITECTURES.md §3.1, §3.7. [3P] marks third-party transcriptions
 of the paper's appendix (S7).

@@ -8,9 +8,10 @@ Variants (`--config configs/edm2_img64.py:<variant>`):
 
 The `s` variant needs a converted EDM2 checkpoint (init.checkpoint: a folder with params/ holding the Precond's
 {'params', 'buffers'} tree and a model.json with family 'edm2') and EDM2's dataset zip
-(model.data.source='edm2_zip', model.data.path=img64.zip, made with EDM2's dataset_tool.py). Neither a
-converter for EDM2 pickles nor the zip reader is written yet: the variant stops at start with a one-line error
-saying so.
+(model.data.source='edm2_zip', model.data.path=img64.zip, made with EDM2's dataset_tool.py; read lazily by
+ddo_jax/data/edm2_zip.py). A missing zip stops the run at start with one line saying how to make it. No
+converter for EDM2 pickles exists yet (launch.convert has only EDM's), so init.checkpoint cannot be made
+with this package today.
 
 Sources: METHOD.md §2.2 (the loss), §2.5 (EDM2 specifics), §4.1 (table), §5 (sampling for FID);
 ARCHITECTURES.md §3.1 (network). [3P] marks third-party transcriptions of the paper's appendix (S7).

@@ -287,3 +287,63 @@ def test_edm2_learning_rate_schedule():
     np.testing.assert_allclose(float(s(t)), want, rtol=1e-6)
   # The DDO reading (METHOD.md §2.5): about 0.4x of the peak at the end of a round, t = 6.25 * ref_steps.
   np.testing.assert_allclose(float(s(2500)) / 5e-5, 0.4, rtol=1e-6)
+
+
+def _write_zip(path, space, n=12, res=16):
+  """A small dataset in the layout of EDM2's dataset_tool.py (convert: PNGs; encode: mean/std .npy)."""
+  import io
+  import json
+  import zipfile
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  arrays, labels = [], []
+  with zipfile.ZipFile(path, "w") as z:
+    for i in range(n):
+      s = f"{i:08d}"
+      if space == "pixel":
+        a = (rng.random((res, res, 3)) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        name = f"{s[:5]}/img{s}.png"
+      else:
+        a = rng.standard_normal((8, res, res)).astype(np.float32)
+        buf = io.BytesIO()
+        np.save(buf, a)
+        name = f"{s[:5]}/img-mean-std-{s}.npy"
+      z.writestr(name, buf.getvalue())
+      arrays.append(a)
+      labels.append([name, (7 * i) % 10])
+    z.writestr("dataset.json", json.dumps({"labels": labels}))
+  return arrays, [l for _, l in labels]
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_edm2_zip_data(tmp_path, space):
+  from ddo_jax import cli
+  arrays, labels = _write_zip(tmp_path / "d.zip", space)
+  net = edm2_names.config_from_init_kwargs(dict(img_resolution=16, img_channels=3 if space == "pixel" else 4,
+                                                label_dim=10, model_channels=16, channel_mult=[1],
+                                                num_blocks=1, attn_resolutions=[], use_fp16=False))
+  fam = _family(net, space)
+  fam.config.data = dict(source="edm2_zip", path=str(tmp_path / "d.zip"), num=0)
+  source, n = fam.real_source(0)
+  assert n == 12
+  batch = source([3, 0, 11])
+  want = [arrays[i] for i in (3, 0, 11)]
+  if space == "pixel":
+    np.testing.assert_array_equal(batch["x"], np.stack(want).astype(np.float32) / np.float32(127.5) - 1)
+  else:
+    np.testing.assert_array_equal(batch["x"], np.stack(want).transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(np.argmax(batch["label"], -1), [labels[i] for i in (3, 0, 11)])
+  # A missing zip, or one of the other kind, is one line naming the key and how to prepare the data.
+  fam.config.data.path = str(tmp_path / "missing.zip")
+  with pytest.raises(cli.UserError) as e:
+    _family(net, space).__class__(fam.config)
+  assert "config.model.data.path" in str(e.value) and "dataset_tool.py" in str(e.value)
+  assert len(str(e.value).splitlines()) == 1
+  other = "latent" if space == "pixel" else "pixel"
+  _write_zip(tmp_path / "o.zip", other, n=2)
+  fam.config.data.path = str(tmp_path / "o.zip")
+  fam._source = None
+  with pytest.raises(cli.UserError, match="holds no"):
+    fam.real_source(0)

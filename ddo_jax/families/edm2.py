@@ -140,24 +140,15 @@ class EDM2(EDM):
                               "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
 
   def _check_data(self) -> None:
-    """Fail at start, in one line, for a dataset that is not there (or not readable yet)."""
+    """Fail at start, in one line, for a dataset that is not there."""
     d = self.config.data
     if d.source == "synthetic":
       return
-    what = "image zip at 64x64" if self.space == "pixel" else "latent zip (8-channel mean/std .npy)"
-    prep = ("prepare it with EDM2's dataset_tool.py (https://github.com/NVlabs/edm2): `python dataset_tool.py "
-            + ("convert --source=<ImageNet train> --dest=img64.zip --resolution=64x64 --transform=center-crop-dhariwal`"
-               if self.space == "pixel" else
-               "convert --source=<ImageNet train> --dest=img512.zip --resolution=512x512 --transform=center-crop-"
-               "dhariwal` then `python dataset_tool.py encode --source=img512.zip --dest=img512-sd.zip`")
-            + " and pass --config.model.data.path=ZIP")
     if d.source != "edm2_zip":
       raise cli.ConfigError(f"model.data.source={d.source!r} is not an EDM2 data source",
                             "config.model.data.source", "use 'edm2_zip' or 'synthetic'")
-    if not d.path or not pathlib.Path(d.path).exists():
-      raise cli.ConfigError(f"EDM2 dataset ({what}) not found: {d.path or '<unset>'}", "config.model.data.path", prep)
-    raise cli.ConfigError(f"reading EDM2 dataset zips ({d.path}) is not implemented yet (ddo_jax/data/edm2_zip.py)",
-                          "config.model.data.source", "use --config.model.data.source=synthetic for a smoke run")
+    from ddo_jax.data import edm2_zip
+    edm2_zip.check(d.path, self.space)
 
   # --- pure functions -------------------------------------------------------------------------------
   def init_params(self, rng):
@@ -251,7 +242,9 @@ class EDM2(EDM):
       d = self.config.data
       r, c = self.sample_shape[0], self.sample_shape[2]
       if d.source != "synthetic":
-        self._check_data()
+        from ddo_jax.data import edm2_zip
+        self._source = edm2_zip.load(d.path, self.space, self.label_dim)
+        return self._source
       if self.space == "pixel":
         from ddo_jax.data import cifar10
         if self.label_dim not in (0, cifar10.NUM_CLASSES):
