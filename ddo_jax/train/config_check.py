@@ -36,7 +36,7 @@ def validate(config) -> None:
   if c.init.kind == "checkpoint":
     _require(bool(c.init.checkpoint), "init.checkpoint",
              "init.kind='checkpoint' needs init.checkpoint (a converted Orbax checkpoint)",
-             "convert one with `python -m launch.convert edm --src X.pkl --out DIR` and pass "
+             f"convert one with `python -m launch.convert {c.get('family', 'edm')} --src X.pkl --out DIR` and pass "
              "--config.init.checkpoint=DIR")
   if c.init.kind == "pretrain":
     _require(c.pretrain.steps >= 1, "pretrain.steps", f"pretrain.steps must be >= 1, got {c.pretrain.steps}")

@@ -106,7 +106,11 @@ class Driver:
     self.tx = optim.make_optimizer(config.optim)
     self.ema_specs = {k: dict(v) for k, v in config.ema.items()}
     ema_lib.validate(self.ema_specs)
-    init = functools.partial(step_lib.init_state, tx=self.tx, ema_specs=self.ema_specs)
+    def init(params, rng):
+      # The target starts from the reference projected as after an update (EDM2: forced weight
+      # normalization, what upstream's first training-mode forward does in place); identity elsewhere.
+      return step_lib.init_state(self.family.project_params(params), rng, tx=self.tx, ema_specs=self.ema_specs)
+
     self.abstract_state = jax.eval_shape(init, params_shape, jax.random.key(0))
     self.state_shardings = parallel.param_shardings(self.abstract_state, self.mesh, self.rules)
     self.init_state = jax.jit(init, in_shardings=(self.param_shardings, parallel.replicated(self.mesh)),
