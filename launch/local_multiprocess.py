@@ -12,7 +12,8 @@ Each process is started with the variables a pod or cluster launcher would give 
 
 so every process sees D local devices and N*D global devices, and CPU collectives go through gloo (TCP).
 Each line a process prints is shown with its id (`[p1] ...`, stderr to stderr). The exit code is 0 when
-every process exits 0, otherwise the first failing process's code (128+N for a signal N).
+every process exits 0, otherwise the first failing process's code (128+N for a signal N; of processes
+seen failing at the same moment, one killed by a signal counts first: its death is the likely cause).
 
 A process that dies (a crash, a kill, an out-of-memory) would leave the others waiting on a collective or a
 barrier; the launcher therefore watches them: once one exits with a non-zero code, the others get
@@ -94,6 +95,7 @@ def launch(command, *, num_processes: int, devices: int, port: int = 0, platform
        f"pids {[p.pid for p in procs]}")
 
   stopped = set()   # processes the launcher itself ended (their codes are consequences, not causes)
+  reported = set()  # processes whose failure was reported
   first_failure = None
   failed_at = None
   interrupted = []
@@ -127,14 +129,20 @@ def launch(command, *, num_processes: int, devices: int, port: int = 0, platform
         first_failure = first_failure or (None, 124)
         stop(signal.SIGTERM, "timeout")
         term_sent_at = now
-      for i, p in enumerate(procs):
-        rc = p.poll()
-        if rc is not None and rc != 0 and first_failure is None and i not in stopped:
+      # Failures seen in this pass, a process killed by a signal first: when a peer dies, the survivor can
+      # fail (its collective sees the closed connection) before the next pass, and the death is the cause.
+      new = [(i, p.returncode) for i, p in enumerate(procs)
+             if p.poll() not in (None, 0) and i not in stopped and i not in reported]
+      for i, rc in sorted(new, key=lambda item: item[1] >= 0):
+        reported.add(i)
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        if first_failure is None:
           first_failure, failed_at = (i, _code(rc)), now
-          how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
           alive = [j for j, q in enumerate(procs) if q.poll() is None]
           _say(f"process {i} failed ({how}); the other processes {alive} get {grace:.0f} s to end, then are "
                "stopped (a peer that died leaves them waiting on a collective)")
+        else:
+          _say(f"process {i} failed ({how}) too")
       if failed_at is not None and term_sent_at is None and now - failed_at > grace:
         stop(signal.SIGTERM, f"process {first_failure[0]} failed")
         term_sent_at = now
