@@ -252,7 +252,12 @@ def test_loss_at_reference(case):
   (loss, (gr, gf, *_)), _ = fn(ref)
   scale = np.abs(np.concatenate([io["logp_ref_real"], io["logp_ref_fake"]])) * 2
   assert np.max(np.abs(np.concatenate([gr, gf])) / scale) < 1e-6
-  assert abs(float(loss) - (1 + h["alpha"]) * math.log(2)) < 1e-5
+  # The loss moves off (1 + alpha) log 2 only by those gaps: the slope of -log sigmoid is at most 1, so
+  # |loss - (1 + alpha) log 2| <= beta mean(|gap_real| + alpha |gap_fake|), plus the float32 rounding of
+  # the loss itself (8 ulps of its value). (A fixed 1e-5 measured 1.4e-5 with jax 0.12's rounding.)
+  a, b = h["alpha"], h["beta"]
+  bound = b * np.mean(np.abs(np.asarray(gr)) + a * np.abs(np.asarray(gf))) + 8 * np.finfo(np.float32).eps * (1 + a)
+  assert abs(float(loss) - (1 + a) * math.log(2)) <= bound, (float(loss), bound)
   assert abs(float(io["loss_at_ref_eval"]) - (1 + h["alpha"]) * math.log(2)) < 1e-6
   # Target = normalize(reference) (upstream's train-mode copy): its gaps and loss.
   (loss, (gr, gf, *_)), _ = fn(family.project_params(ref))
