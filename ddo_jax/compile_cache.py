@@ -25,6 +25,8 @@ import os
 from typing import Optional
 
 ENV_VAR = "DDO_JAX_COMPILE_CACHE"
+FLAG_HELP = ("persistent XLA compilation cache folder, or 'off'; default: $DDO_JAX_COMPILE_CACHE, else "
+             "~/.cache/ddo_jax/jax_cache (a repeated or resumed run then loads its programs instead of compiling)")
 OFF = ("", "off", "none", "0", "false", "no")
 
 _log = logging.getLogger(__name__)

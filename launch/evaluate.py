@@ -52,7 +52,7 @@ from typing import Callable, Iterable
 from absl import flags
 import numpy as np
 
-from ddo_jax import cli
+from ddo_jax import cli, compile_cache
 from ddo_jax.data.images import open_images
 from ddo_jax.metrics.reference import parse_metrics
 
@@ -83,6 +83,7 @@ _MODEL = flags.DEFINE_string("model", None, "checkpoint mode, instead of --image
 _STEPS = flags.DEFINE_integer("steps", 18, "checkpoint mode: Heun steps (18 = 35 NFE)")
 _LABELS = flags.DEFINE_enum("labels", "balanced", ["random", "balanced"],
                             "checkpoint mode: strict class balance (seed mod classes) or random labels")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, compile_cache.FLAG_HELP)
 
 
 def build_sampler(checkpoint: str, batch_size: int, mesh, *, num_steps: int = 18,
@@ -158,6 +159,7 @@ def main(argv):
   _check_flags()
   from ddo_jax import parallel, utils  # pylint: disable=import-outside-toplevel
   parallel.maybe_initialize_distributed()
+  compile_cache.enable(_COMPILE_CACHE.value)
   import jax  # pylint: disable=import-outside-toplevel
   from ddo_jax.data import images  # pylint: disable=import-outside-toplevel
   from ddo_jax.metrics import evaluate, evaluator  # pylint: disable=import-outside-toplevel

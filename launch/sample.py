@@ -31,7 +31,7 @@ import re
 
 from absl import flags
 
-from ddo_jax import cli
+from ddo_jax import cli, compile_cache
 
 _MODEL = flags.DEFINE_string("model", None, "converted model folder or a DDO round folder")
 _SEEDS = flags.DEFINE_string("seeds", "0-63", "seeds: an inclusive range 'a-b' (0-49999) or a comma list (1,2,5-9)")
@@ -44,6 +44,7 @@ _LABELS = flags.DEFINE_enum("labels", "random", ["random", "balanced"],
 _FLOAT64 = flags.DEFINE_bool("float64", False, "float64 sampler arithmetic (EDM's protocol); net stays float32")
 _CHURN = flags.DEFINE_float("S_churn", 0.0, "stochasticity of the Heun sampler")
 _NPZ = flags.DEFINE_bool("npz", False, "also write OUTDIR/samples.npz with all requested seeds")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, compile_cache.FLAG_HELP)
 flags.mark_flags_as_required(["model", "outdir"])
 
 SEEDS_FORM = "use an inclusive range such as 0-49999, or a comma list such as 1,2,5-9"
@@ -129,6 +130,7 @@ def main(argv):
   seeds = _check_flags()
   from ddo_jax.parallel import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
   maybe_initialize_distributed()
+  compile_cache.enable(_COMPILE_CACHE.value)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 

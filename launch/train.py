@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from ddo_jax import cli
+from ddo_jax import cli, compile_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it exists)")
@@ -23,6 +23,7 @@ _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the config file'
                                   "resolved config (with --config.* overrides), then exit")
 _REWRITE_CONFIG = flags.DEFINE_bool("rewrite_config", False, "write this config as the workdir's config.json "
                                     "even though the workdir holds rounds without one")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, compile_cache.FLAG_HELP)
 
 
 def _config_file() -> str:
@@ -85,6 +86,7 @@ def main(argv):
     raise cli.UserError(f"{_WORKDIR.value} exists and is not a folder", "--workdir", "pass a folder path")
   from ddo_jax.parallel import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
   maybe_initialize_distributed()
+  compile_cache.enable(_COMPILE_CACHE.value)
   from ddo_jax.train import rounds  # pylint: disable=import-outside-toplevel
   rounds.train(config, _WORKDIR.value, rewrite_config=_REWRITE_CONFIG.value)
   return 0
