@@ -216,14 +216,45 @@ def test_round_trip_and_files(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
 
+def test_torch_written_files(tmp_path):
+  """Files written by torch itself (zip and legacy non-zip torch.save) load to the same parameters."""
+  torch = pytest.importorskip("torch")
+  _, state = _state()
+  vae, params = _model()
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+  torch.save(tensors, tmp_path / "zip.pth")
+  torch.save(tensors, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+  for name in ("zip.pth", "legacy.pth"):
+    _, params2 = vqvae_convert.load_vqvae_file(tmp_path / name, vae)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_full_size_shapes():
+  """The released config end to end under eval_shape: tokens per scale, teacher-forcing input [B, 679, 32], image."""
+  vae = vq.VQVAE(**vq.vqvae_config_full())
+  params = {"params": vq.abstract_params(vae)}
+  img = jax.ShapeDtypeStruct((2, vae.img_size, vae.img_size, 3), jnp.float32)
+
+  def run(p, x):
+    idx = vq.img_to_idx(vae, p, x)
+    return idx, vq.idx_to_var_input(vae, p, idx), vq.fhat_to_img(vae, p, vq.idx_to_fhat(vae, p, idx))
+
+  idx, var_in, out = jax.eval_shape(run, params, img)
+  assert [i.shape for i in idx] == [(2, p * p) for p in vae.patch_nums] and idx[0].dtype == jnp.int32
+  assert var_in.shape == (2, 679, 32) and out.shape == (2, 256, 256, 3)
+
+
+@pytest.mark.parametrize("name", ["var_tiny.pth", "var_tiny_legacy.pth", "var_tiny.safetensors"])
+def test_wrong_family_file(name):
+  with pytest.raises(cli.UserError) as info:
+    vqvae_convert.load_vqvae_file(golden_path("formats", name))
+  msg = str(info.value)
+  assert msg.startswith("error: ") and "VAR transformer" in msg and "(--src)" in msg and "\n" not in msg
+
+
 def test_wrong_family_and_broken_dicts():
   vae, _ = _model()
   _, state = _state()
-  var_file = golden_path("formats", "var_tiny.pth")
-  with pytest.raises(cli.UserError) as info:
-    vqvae_convert.load_vqvae_file(var_file)
-  msg = str(info.value)
-  assert msg.startswith("error: ") and "VAR transformer" in msg and "(--src)" in msg and "\n" not in msg
   var_state = load_npz("var", "var", "state.npz")
   problems = vqvae_convert.vqvae_state_dict_problems({k: v.shape for k, v in var_state.items()}, vae)
   assert len(problems["missing"]) == len(vqvae_convert.expected_entries(vae)) and problems["unexpected"]
@@ -257,3 +288,24 @@ def test_wrong_sizes_and_unreadable_files(tmp_path):
     vqvae_convert.load_vqvae_file(tmp_path / "junk.pth")
   with pytest.raises(cli.UserError, match="no such file"):
     vqvae_convert.load_vqvae_file(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("share,quant_resi,phi_keys", [
+    (1, 0.5, ["quantize.quant_resi.qresi.weight"]),
+    (0, 0.5, [f"quantize.quant_resi.{k}.weight" for k in range(4)]),
+    (2, -0.5, [f"quantize.quant_resi.qresi_ls.{k}.weight" for k in range(2)]),
+    (4, 0.0, []),
+])
+def test_other_phi_sharings_map_onto_the_flax_tree(share, quant_resi, phi_keys):
+  """PhiShared (1), PhiNonShared (0), PhiPartiallyShared (K) and the identity phi (quant_resi 0): the name map
+  covers the Flax tree exactly, and the config is read back off the shapes."""
+  vae = vq.VQVAE(vocab_size=16, z_channels=4, ch=32, share_quant_resi=share, patch_nums=(1, 2, 3, 4),
+                 quant_resi=quant_resi)
+  keys = [e.torch_key for e in vqvae_convert.expected_entries(vae)]
+  assert [k for k in keys if k.startswith("quantize.quant_resi") and k.endswith(".weight")] == phi_keys
+  shapes = {e.torch_key: e.torch_shape for e in vqvae_convert.expected_entries(vae)}
+  cfg = vqvae_convert.config_from_state_dict(shapes, patch_nums=vae.patch_nums)
+  assert cfg["share_quant_resi"] == (share if phi_keys else 4) and cfg["vocab_size"] == 16 and cfg["ch"] == 32
+  assert cfg["quant_resi"] == (0.5 if phi_keys else 0.0)
+  # ticks: one phi -> all 0; 4 non-shared -> linspace(1/12, 11/12, 4); 2 shared -> linspace(1/4, 3/4, 2).
+  assert vq.phi_index(4, share) == {1: [0, 0, 0, 0], 0: [0, 1, 2, 3], 2: [0, 0, 1, 1], 4: [0, 1, 2, 3]}[share]
