@@ -151,6 +151,9 @@ def test_var_input_and_next_ar_input_are_consistent():
     got = out["var_input"][:, start:start + nxt * nxt]
     assert float(np.abs(got - want).max()) <= ATOL, si
     start += nxt * nxt
+  # The pure functions jit with the module as a static argument (patch_nums static through it).
+  again = jax.jit(vq.idx_to_var_input, static_argnums=0)(vae, params, [jnp.asarray(i) for i in out["idx"]])
+  np.testing.assert_allclose(np.asarray(again), out["var_input"], atol=1e-6)
   emb = np.asarray(params["params"]["quantize"]["embedding"])
   step = jax.jit(lambda si, f_hat, h: vq.next_ar_input(vae, params, si, f_hat, h), static_argnums=0)
   f_hat = jnp.zeros((b, pns[-1], pns[-1], c), jnp.float32)

@@ -386,6 +386,12 @@ class VQVAE(nn.Module):
   using_znorm: bool = False
   precision: Any = "highest"
 
+  def __post_init__(self):
+    # Tuples, so that the module stays hashable (a static jit argument) when lists are passed.
+    object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
+    object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+    super().__post_init__()
+
   def setup(self):
     kw = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks, precision=self.precision)
     self.encoder = Encoder(z_channels=self.z_channels, **kw)
