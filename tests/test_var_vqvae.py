@@ -312,3 +312,25 @@ def test_other_phi_sharings_map_onto_the_flax_tree(share, quant_resi, phi_keys):
   assert cfg["quant_resi"] == (0.5 if phi_keys else 0.0)
   # ticks: one phi -> all 0; 4 non-shared -> linspace(1/12, 11/12, 4); 2 shared -> linspace(1/4, 3/4, 2).
   assert vq.phi_index(4, share) == {1: [0, 0, 0, 0], 0: [0, 1, 2, 3], 2: [0, 0, 1, 1], 4: [0, 1, 2, 3]}[share]
+
+
+def test_converted_folder_and_export(tmp_path):
+  """convert_vqvae_file -> save_converted -> load_converted gives the same model and parameters; export_vqvae
+  writes the upstream state dict (buffer included) that the reader takes back."""
+  _, state = _state()
+  vae, params = _model()
+  torch_write.save_torch_zip(state, tmp_path / "vae.pth")
+  vae2, variables, report = vqvae_convert.convert_vqvae_file(tmp_path / "vae.pth", patch_nums=vae.patch_nums)
+  assert vae2 == vae and report["param_count"] == vqvae_convert.num_parameters(vae)
+  assert report["buffer_shape"] == list(state[vqvae_convert.BUFFER_KEY].shape)
+  out = vqvae_convert.save_converted(tmp_path / "conv", vae2, variables, report)
+  vae3, params3 = vqvae_convert.load_converted(out)
+  assert vae3 == vae
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params3, params)
+  with pytest.raises(cli.UserError, match="no model.json"):
+    vqvae_convert.load_converted(tmp_path)
+  exported = vqvae_convert.export_vqvae(params3, vae, tmp_path / "back.safetensors")
+  reread = torch_write.load_safetensors(tmp_path / "back.safetensors")
+  assert sorted(reread) == sorted(exported) == sorted(state)
+  for k in state:
+    np.testing.assert_array_equal(reread[k], state[k], err_msg=k)

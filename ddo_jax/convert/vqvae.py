@@ -28,20 +28,32 @@ Public API:
   vqvae_params_to_torch(params, vae, dtype=np.float32) -> OrderedDict (state_dict order, buffer included)
   config_from_state_dict(shapes, patch_nums=None) -> VQVAE kwargs read off the shapes
   load_vqvae_file(path, vae=None, where='--src') -> (vae, variables); cli.UserError on any problem
+  convert_vqvae_file(path, patch_nums=None) -> (vae, variables, report)
+  save_converted(out_dir, vae, variables, report, overwrite=False) / load_converted(out_dir) -> (vae, variables)
+  vqvae_kwargs(vae) -> the JSON-able constructor kwargs;  export_vqvae(params, vae, path) -> .pth or .safetensors
+
+Converted folder (what `launch.convert vqvae` is meant to write): `out_dir/params` (Orbax `{'params': tree}`, float32)
+and `out_dir/model.json` = {'family': 'vqvae', 'vae': vqvae_kwargs(vae), 'source': report}.
 """
 import collections
 import functools
+import hashlib
+import json
 import os
+import pathlib
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from ddo_jax import cli
-from ddo_jax.convert import torch_pickle
+from ddo_jax import cli, tree_io
+from ddo_jax.convert import torch_pickle, torch_write
 from ddo_jax.nets import var_vqvae
 from ddo_jax.nets.var_vqvae import VQVAE, vqvae_config_full  # noqa: F401 (re-export)
 
+FAMILY = "vqvae"
+PARAMS_DIR = "params"
+MODEL_JSON = tree_io.MODEL_JSON
 BUFFER_KEY = "quantize.ema_vocab_hit_SV"
 CODEBOOK_KEY = "quantize.embedding.weight"
 _NORMS = ("norm1", "norm2", "norm", "norm_out")
@@ -386,3 +398,77 @@ def load_vqvae_file(path, vae: Optional[VQVAE] = None, where: str = "--src",
     raise cli.UserError(f"{path} does not match {_summary(vae)}: {_problem_text(problems, limit=5)}", where,
                         "pass a vae_ch160v4096z32-family VQVAE state dict with matching sizes")
   return vae, vqvae_params_from_torch(state, vae)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Converted folders and export.
+
+
+def vqvae_kwargs(vae: VQVAE) -> dict:
+  """The constructor kwargs of `vae` (precision excluded), JSON-able."""
+  return dict(vocab_size=int(vae.vocab_size), z_channels=int(vae.z_channels), ch=int(vae.ch),
+              ch_mult=[int(m) for m in vae.ch_mult], num_res_blocks=int(vae.num_res_blocks),
+              share_quant_resi=int(vae.share_quant_resi), patch_nums=[int(p) for p in vae.patch_nums],
+              quant_resi=float(vae.quant_resi), default_qresi_counts=int(vae.default_qresi_counts),
+              using_znorm=bool(vae.using_znorm))
+
+
+def vae_from_kwargs(kwargs: Mapping[str, Any], precision: Any = "highest") -> VQVAE:
+  kw = dict(kwargs)
+  kw["patch_nums"] = tuple(kw["patch_nums"])
+  kw["ch_mult"] = tuple(kw.get("ch_mult", var_vqvae.CH_MULT))
+  return VQVAE(precision=precision, **kw)
+
+
+def _file_sha256(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def convert_vqvae_file(path, patch_nums: Optional[Sequence[int]] = None, where: str = "--src"):
+  """(vae, {'params': tree}, report) of a VQVAE file; report says what was read (JSON-able)."""
+  vae, variables = load_vqvae_file(path, None, where, patch_nums)
+  state_shapes = {k: list(v.shape) for k, v in torch_pickle.load_torch_state_dict(path).items()}
+  report = dict(source_path=os.path.abspath(os.fspath(path)), file_sha256=_file_sha256(path),
+                file_bytes=os.path.getsize(path), state_dict_entries=len(state_shapes),
+                param_count=num_parameters(vae), buffer_shape=state_shapes.get(BUFFER_KEY),
+                patch_nums_source="given" if patch_nums is not None else "released default (not stored in the file)")
+  return vae, variables, report
+
+
+def save_converted(out_dir, vae: VQVAE, variables, report: Mapping[str, Any], overwrite: bool = False) -> pathlib.Path:
+  """Writes `out_dir/params` (Orbax `{'params': tree}`) and `out_dir/model.json`, all or nothing."""
+  tree = variables["params"] if "params" in variables else variables
+  meta = {"family": FAMILY, "vae": vqvae_kwargs(vae), "source": json.loads(json.dumps(dict(report)))}
+  return tree_io.write_dir_atomically(out_dir, {PARAMS_DIR: {"params": tree}}, meta, overwrite=overwrite)
+
+
+def load_converted(out_dir, precision: Any = "highest") -> Tuple[VQVAE, dict]:
+  """(vae, {'params': tree}) of a folder written by `save_converted`; cli.UserError when it is not one."""
+  out = pathlib.Path(out_dir)
+  meta_path = out / MODEL_JSON
+  if not meta_path.is_file():
+    raise cli.UserError(f"{out} has no {MODEL_JSON}", str(out),
+                        "pass a folder written by `python -m launch.convert vqvae`")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("family") != FAMILY or "vae" not in meta:
+    raise cli.UserError(f"{out} holds family {meta.get('family')!r}, not {FAMILY!r}", str(out),
+                        "pass a folder written by `python -m launch.convert vqvae`")
+  vae = vae_from_kwargs(meta["vae"], precision)
+  tree = tree_io.load_params_dir(out / PARAMS_DIR)
+  tree = tree["params"] if "params" in tree else tree
+  vqvae_params_to_torch(tree, vae)  # checks every leaf and shape
+  return vae, {"params": tree}
+
+
+def export_vqvae(params, vae: VQVAE, path) -> "collections.OrderedDict[str, np.ndarray]":
+  """Writes the upstream state dict (strict-loadable by VAR's VQVAE) as a torch zip `.pth` or `.safetensors`."""
+  state = vqvae_params_to_torch(params, vae)
+  if str(path).endswith(".safetensors"):
+    torch_write.save_safetensors(state, path)
+  else:
+    torch_write.save_torch_zip(state, path)
+  return state
