@@ -201,15 +201,16 @@ class SelfAttention(nn.Module):
     q, k, v = self._qkv(x)
     return self.proj(self._attend(q, k, v, allowed))
 
-  def cached(self, x, cache_k, cache_v, begin: int):
-    """Writes this scale's k, v at [begin, begin + l) of the [B, H, L, hd] caches and attends to positions
-    < begin + l (all earlier scales and this one)."""
+  def cached(self, x, cache_k, cache_v, layer: int, begin: int):
+    """Writes this scale's k, v at [layer, :, :, begin:begin + l] of the whole [depth, B, H, L, hd] caches (an
+    in-place dynamic_update_slice under jit) and attends to positions < begin + l of this layer: all earlier
+    scales and this one."""
     q, k, v = self._qkv(x)
     l = x.shape[1]
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, begin, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, begin, 0))
-    allowed = (jnp.arange(cache_k.shape[2]) < begin + l)[None, :]
-    o = self._attend(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), allowed)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, 0, begin, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, 0, begin, 0))
+    allowed = (jnp.arange(cache_k.shape[3]) < begin + l)[None, :]
+    o = self._attend(q, cache_k[layer].astype(self.dtype), cache_v[layer].astype(self.dtype), allowed)
     return self.proj(o), cache_k, cache_v
 
 
@@ -251,9 +252,10 @@ class AdaLNSelfAttn(nn.Module):
     x = x + self.attn(layer_norm(x, self.norm_eps) * (s1 + 1) + b1, allowed) * g1
     return x + self.ffn(layer_norm(x, self.norm_eps) * (s2 + 1) + b2) * g2
 
-  def cached(self, x, cond, cache_k, cache_v, begin: int):
+  def cached(self, x, cond, cache_k, cache_v, layer: int, begin: int):
     g1, g2, s1, s2, b1, b2 = self._mods(cond)
-    a, cache_k, cache_v = self.attn.cached(layer_norm(x, self.norm_eps) * (s1 + 1) + b1, cache_k, cache_v, begin)
+    a, cache_k, cache_v = self.attn.cached(layer_norm(x, self.norm_eps) * (s1 + 1) + b1, cache_k, cache_v, layer,
+                                           begin)
     x = x + a * g1
     return x + self.ffn(layer_norm(x, self.norm_eps) * (s2 + 1) + b2) * g2, cache_k, cache_v
 
@@ -354,12 +356,10 @@ class VAR(nn.Module):
       x = self.word_embed(jnp.asarray(x_BlCv, jnp.float32)) + lvl_pos
     x = x.astype(self.dtype)
     cond_c = cond.astype(self.dtype)
-    ks, vs = [], []
+    cache_k, cache_v = cache["k"], cache["v"]
     for i, blk in enumerate(self.blocks):
-      x, k, v = blk.cached(x, cond_c, cache["k"][i], cache["v"][i], bg)
-      ks.append(k)
-      vs.append(v)
-    return self._logits(x, cond), {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+      x, cache_k, cache_v = blk.cached(x, cond_c, cache_k, cache_v, i, bg)
+    return self._logits(x, cond), {"k": cache_k, "v": cache_v}
 
 
 def num_parameters(var: VAR) -> int:
