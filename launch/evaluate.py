@@ -32,11 +32,17 @@ reference holds `features` or `arr_0`. The batch is split over every device (`pa
 a progress line with rate and ETA is logged; the metrics are printed and written as JSON atomically
 (`--out`, process 0).
 
-Checkpoint mode (instead of `--images`): sample an EDM checkpoint with EDM's Heun sampler and
-evaluate the samples without writing them: `--model DIR --num N [--steps 18] [--labels balanced]`.
-`build_sampler` turns the checkpoint into a callable `sampler(num_images)` yielding uint8 NHWC batches
+Checkpoint mode (instead of `--images`): sample a model folder (EDM or EDM2: `launch.convert edm` / `edm2`,
+or a DDO round folder) and evaluate the samples without writing them: `--model DIR --num N` with the
+sampling flags of launch.sample (its docstring lists each family's): EDM `[--steps 18] [--S_churn]
+[--float64]`; EDM2 `[--sampler heun|dpmv3] [--steps] [--guide DIR --guidance G] [--vae DIR (latent models)]
+[--float64]`. --labels defaults to balanced here (strict class balance, the FID protocol of EDM2 and the
+tool's default before; EDM: seed mod classes; EDM2: position mod classes, the same for seeds 0..N-1).
+Seeds 0..N-1 draw the images launch.sample draws for them. `build_sampler` turns the folder
+(`ddo_jax.families.load_model_dir`) into a callable `sampler(num_images)` yielding uint8 NHWC batches
 (never more images than asked, up to a multiple of the device count) and
-`ddo_jax.metrics.evaluate.evaluate_sampler` feeds it to the evaluator.
+`ddo_jax.metrics.evaluate.evaluate_sampler` feeds it to the evaluator. EDM2 on ImageNet:
+`--ref img64.pkl` / `img512.pkl` (EDM2's dataset-refs) with the same Inception network as EDM.
 
 The work itself is in the library: image sources in `ddo_jax.data.images`, reference files in
 `ddo_jax.metrics.reference`, the procedures in `ddo_jax.metrics.evaluate`. FID needs more images than
@@ -77,33 +83,42 @@ _MAKE_REF = flags.DEFINE_bool("make_ref", False, "write reference statistics of 
 _REF_FEATURES = flags.DEFINE_integer("ref_features", 0, "--make_ref: also store the pool3 features "
                                      "of the first N images (for precision/recall)")
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "image decoding threads")
-_MODEL = flags.DEFINE_string("model", None, "checkpoint mode, instead of --images: a converted EDM folder "
-                             "or a DDO round folder; --num samples (seeds 0..num-1) go straight into the "
+_MODEL = flags.DEFINE_string("model", None, "checkpoint mode, instead of --images: a converted EDM or EDM2 "
+                             "folder or a DDO round folder; --num samples (seeds 0..num-1) go straight into the "
                              "feature accumulator, no image is written")
-_STEPS = flags.DEFINE_integer("steps", 18, "checkpoint mode: Heun steps (18 = 35 NFE)")
+_STEPS = flags.DEFINE_integer("steps", None, "checkpoint mode: sampler steps; default: the family's (EDM 18 = 35 "
+                              "NFE; EDM2 heun 32, dpmv3 25)")
 _LABELS = flags.DEFINE_enum("labels", "balanced", ["random", "balanced"],
-                            "checkpoint mode: strict class balance (seed mod classes) or random labels")
+                            "checkpoint mode: strict class balance (EDM: seed mod classes; EDM2: position mod "
+                            "classes) or random labels")
+_FLOAT64 = flags.DEFINE_bool("float64", None, "checkpoint mode: float64 sampler arithmetic (default: the family's)")
+_CHURN = flags.DEFINE_float("S_churn", None, "checkpoint mode: Heun stochasticity (default 0)")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["heun", "dpmv3"], "checkpoint mode, EDM2: Heun (default) or "
+                             "DPM-Solver-v3")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "checkpoint mode, EDM2: autoguidance weight (1 = none); needs --guide")
+_GUIDE = flags.DEFINE_string("guide", None, "checkpoint mode, EDM2: guide net folder (launch.convert edm2)")
+_VAE = flags.DEFINE_string("vae", None, "checkpoint mode, EDM2 latent models: SD-VAE folder (launch.convert sd-vae)")
+_CFG = flags.DEFINE_float("cfg", None, "checkpoint mode, VAR only: classifier-free guidance scale")
+_CFG_CONVENTION = flags.DEFINE_string("cfg_convention", None, "checkpoint mode, VAR only: cfg convention")
+_TOP_K = flags.DEFINE_integer("top_k", None, "checkpoint mode, VAR only: top-k sampling (0 = off)")
+_TOP_P = flags.DEFINE_float("top_p", None, "checkpoint mode, VAR only: top-p sampling (0 = off)")
+_MORE_SMOOTH = flags.DEFINE_bool("more_smooth", None, "checkpoint mode, VAR only: Gumbel-softmax smoothing")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, compile_cache.FLAG_HELP)
 
 
-def build_sampler(checkpoint: str, batch_size: int, mesh, *, num_steps: int = 18,
-                  labels: str = "balanced") -> Callable[[int], Iterable[np.ndarray]]:
-  """An EDM model folder + Heun settings -> `sampler(num)` yielding uint8 batches for seeds 0..num-1.
+def build_sampler(checkpoint: str, batch_size: int, mesh, *, labels: str = "balanced",
+                  **options) -> Callable[[int], Iterable[np.ndarray]]:
+  """A model folder + sampling options -> `sampler(num)` yielding uint8 batches for seeds 0..num-1.
 
-  Seed s uses the same key as in launch.sample; labels are seed mod classes ('balanced') or random.
-  Calls hold `batch_size` seeds; the last holds what is left, padded only to a multiple of the device
-  count (`ddo_jax.data.images.sample_batches`).
+  The folder is opened by `ddo_jax.families.load_model_dir(checkpoint, labels=labels, **options)` (options:
+  num_steps, S_churn, float64, sampler, guidance, guide, vae, ...; None = the family's default). Seed s is
+  sampled at list position s, with the same key as in launch.sample. Calls hold `batch_size` seeds; the last
+  holds what is left, padded only to a multiple of the device count (`ddo_jax.data.images.sample_batches`).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from ddo_jax import parallel, utils  # pylint: disable=import-outside-toplevel
+  from ddo_jax import families, utils  # pylint: disable=import-outside-toplevel
   from ddo_jax.data import images  # pylint: disable=import-outside-toplevel
-  from ddo_jax.families.edm import load_model_dir, to_uint8  # pylint: disable=import-outside-toplevel
-  from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
-  family, params = load_model_dir(checkpoint, labels=labels, num_steps=num_steps)
-  sharding = parallel.batch_sharding(mesh)
-  fn = seeded.make_seeded_sampler(family.sample, mesh, parallel.replicated(mesh))
-  params = jax.device_put(params, parallel.replicated(mesh))
-  base = jax.random.key(seeded.CLI_BASE_SEED)
+  family, params = families.load_model_dir(checkpoint, labels=labels, **options)
+  run = family.image_sampler(params, mesh)
   multiple = images.device_multiple(mesh)
 
   def sampler(num: int):
@@ -112,10 +127,18 @@ def build_sampler(checkpoint: str, batch_size: int, mesh, *, num_steps: int = 18
       if len(ids) not in shapes:
         utils.log.info("compiling the sampler (%s)...", "first batch" if not shapes else f"batch of {len(ids)}")
         shapes.add(len(ids))
-      out = parallel.to_host(fn(params, base, jax.device_put(ids, sharding)))
-      yield to_uint8(out["x"])[:len(chunk)]
+      made, _ = run(ids, ids)   # seeds 0..num-1: each seed's position is the seed itself
+      yield made[:len(chunk)]
 
   return sampler
+
+
+def sampling_options() -> dict:
+  """The checkpoint-mode sampling flags, as `build_sampler` takes them (None: not given)."""
+  return dict(labels=_LABELS.value, num_steps=_STEPS.value, S_churn=_CHURN.value, float64=_FLOAT64.value,
+              guidance=_GUIDANCE.value, guide=_GUIDE.value, sampler=_SAMPLER.value, vae=_VAE.value,
+              cfg=_CFG.value, cfg_convention=_CFG_CONVENTION.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+              more_smooth=_MORE_SMOOTH.value)
 
 
 def _check_flags() -> None:
@@ -130,7 +153,8 @@ def _check_flags() -> None:
   if _MODEL.value:
     if not os.path.isfile(os.path.join(_MODEL.value, "model.json")):
       raise cli.UserError(f"{_MODEL.value} has no model.json", "--model",
-                          "give a folder written by `python -m launch.convert edm` or a round folder of a DDO run")
+                          "give a folder written by `python -m launch.convert edm` (or edm2) or a round folder of "
+                          "a DDO run")
     if _NUM.value <= 0:
       raise cli.UserError("--model needs the number of samples to generate", "--num", "pass --num N, e.g. 50000")
   if _NUM.value < 0:
@@ -140,8 +164,14 @@ def _check_flags() -> None:
                         "pass a multiple of the device count, or 0 for 32 per device")
   if _IS_SPLITS.value < 1:
     raise cli.UserError(f"--is_splits {_IS_SPLITS.value} is not positive", "--is_splits", "pass e.g. 10")
-  if _STEPS.value < 1:
+  if _STEPS.value is not None and _STEPS.value < 1:
     raise cli.UserError(f"--steps {_STEPS.value} is not positive", "--steps", "pass e.g. 18 (35 NFE)")
+  if not _MODEL.value:
+    for flag in (_STEPS, _FLOAT64, _CHURN, _SAMPLER, _GUIDANCE, _GUIDE, _VAE, _CFG, _CFG_CONVENTION, _TOP_K, _TOP_P,
+                 _MORE_SMOOTH):
+      if flag.value is not None:
+        raise cli.UserError(f"--{flag.name} is a checkpoint-mode flag", f"--{flag.name}",
+                            "use it with --model DIR, or drop it")
   if _OUT.value and os.path.isdir(_OUT.value):
     raise cli.UserError(f"{_OUT.value} is a folder", "--out", "give a file name")
   if _IMAGES.value and not _IMAGES.value.startswith("tfds:") and not os.path.exists(_IMAGES.value):
@@ -182,7 +212,7 @@ def main(argv):
     ev = evaluate.make_evaluator(variables, mesh, batch_size, names, _REF.value, is_splits=_IS_SPLITS.value,
                                  pr_distance=_PR_DISTANCE.value)
     if _MODEL.value:
-      sampler = build_sampler(_MODEL.value, batch_size, mesh, num_steps=_STEPS.value, labels=_LABELS.value)
+      sampler = build_sampler(_MODEL.value, batch_size, mesh, **sampling_options())
       record = evaluate.evaluate_sampler(sampler, _NUM.value, ev)
     else:
       record = evaluate.evaluate_source(ev, source, _NUM.value)

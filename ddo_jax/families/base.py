@@ -33,16 +33,79 @@ Host-side hooks, called by the driver outside jit:
   check_converted(model_json_path)                   refuse a converted checkpoint that does not match the
                                                      config (default: accept)
 
+Sampling a saved model (launch.sample, launch.evaluate --model; optional, see `from_model_dir`):
+
+  from_model_dir(path, meta, options) (classmethod)  -> (family, params) ready to sample; default refuses
+  image_shape                                        (H, W, C) of the uint8 images it makes
+  sample_settings() -> dict                          what makes its images, recorded by launch.sample
+  seed_classes(seeds, positions) -> int64 [N]        the class each seed is sampled with (-1: none)
+  positions_matter                                   whether an image depends on its seed's list position
+  image_sampler(params, mesh) -> fn(seeds, positions) -> (uint8 images [B, H, W, C], classes [B])
+
 Required parts are abstract (a family missing one cannot be built); optional parts have defaults here, so
 nothing probes with `hasattr`. A new family subclasses `Family` and is registered by name in
 `ddo_jax/families/__init__.py` (see README.md beside this file).
 """
 import abc
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
+
+from ddo_jax import cli
+
+# The sampling options of launch.sample / launch.evaluate --model, as `from_model_dir` receives them: every key
+# is present, None when its flag was not given. key -> the flag that sets it.
+OPTION_FLAGS = {
+    "labels": "--labels",                   # 'random' | 'balanced'
+    "num_steps": "--steps",                 # int >= 1
+    "S_churn": "--S_churn",                 # float >= 0
+    "float64": "--float64",                 # bool: float64 sampler arithmetic
+    "guidance": "--guidance",               # float: autoguidance weight (1 = none)
+    "guide": "--guide",                     # str: folder of a guide network (EDM2 autoguidance)
+    "sampler": "--sampler",                 # str: 'heun' | 'dpmv3' (EDM2)
+    "vae": "--vae",                         # str: folder of the SD-VAE (`launch.convert sd-vae`)
+    "cfg": "--cfg",                         # float: VAR classifier-free guidance
+    "cfg_convention": "--cfg_convention",   # str: VAR's cfg convention
+    "top_k": "--top_k",                     # int: VAR top-k sampling (0 = off)
+    "top_p": "--top_p",                     # float: VAR top-p sampling (0 = off)
+    "more_smooth": "--more_smooth",         # bool: VAR's Gumbel-softmax smoothing
+}
+
+
+def sampling_options(**given) -> dict:
+  """Every key of OPTION_FLAGS, None unless given; an unknown key is a bug (ValueError)."""
+  unknown = sorted(set(given) - set(OPTION_FLAGS))
+  if unknown:
+    raise ValueError(f"unknown sampling options {unknown}; known are {sorted(OPTION_FLAGS)}")
+  return {k: given.get(k) for k in OPTION_FLAGS}
+
+
+def refuse_options(options: Mapping[str, Any], accepted: Iterable[str], what: str) -> None:
+  """One-line UserError naming the first option that is set (not None) but not in `accepted`;
+  `what` says whose options these are ('an EDM model', "EDM2's --sampler dpmv3", ...)."""
+  accepted = list(accepted)
+  for key, flag in OPTION_FLAGS.items():
+    if options.get(key) is not None and key not in accepted:
+      takes = ", ".join(OPTION_FLAGS[k] for k in accepted) or "no sampling flags"
+      raise cli.UserError(f"{flag} means nothing for {what}", flag, f"drop it ({what} takes {takes})")
+
+
+def make_position_sampler(fn: Callable, mesh, param_shardings) -> Callable:
+  """jit of (params, base_key, seeds, positions) -> fn(params, seed_keys(base_key, seeds), seeds, positions).
+
+  `fn` is pure: per-seed keys [B] (fold_in(base_key, seed), as `ddo_jax.sampling.seeded`), the seeds and their
+  positions in the seed list (int32 [B], batch-sharded) -> a dict of [B, ...] arrays, kept batch-sharded.
+  """
+  from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+  batch = parallel.batch_sharding(mesh)
+
+  def run(params, base_key, seeds, positions):
+    return fn(params, seeded.seed_keys(base_key, seeds), seeds, positions)
+
+  return jax.jit(run, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch)
 
 
 class Family(abc.ABC):
@@ -119,3 +182,62 @@ class Family(abc.ABC):
   def check_converted(self, model_json_path) -> None:
     """Refuse a converted checkpoint (its model.json) that does not match this family's config."""
     del model_json_path
+
+  # --- sampling a saved model (launch.sample, launch.evaluate --model) ------------------------------
+  image_shape: Tuple[int, int, int] = ()
+  # True when an image depends on its seed's position in the seed list (class balance by position, as
+  # DDO's EDM2_sample.py): launch.sample then records the seed list with the settings, so that a rerun into
+  # the same folder with another list (which would label the seeds differently) is refused.
+  positions_matter: bool = False
+
+  @classmethod
+  def from_model_dir(cls, path, meta: dict, options: dict) -> Tuple["Family", Any]:
+    """(family, params) ready to sample, from a saved model folder; called by `families.load_model_dir`.
+
+    Args:
+      path: the folder (pathlib.Path): one written by `launch.convert <family>` (params/ + model.json) or a
+        DDO round folder round_r/ (chosen/ + model.json, written by the driver from `model_json()`).
+      meta: its model.json, already read; `meta['family']` is this family's registered name ('edm' is
+        assumed for old folders without the key).
+      options: the sampling flags of launch.sample / launch.evaluate --model, every key of
+        `OPTION_FLAGS` present and None when the flag was not given:
+          labels ('random' | 'balanced'), num_steps (int, --steps), S_churn (float), float64 (bool),
+          guidance (float), guide (str: a folder), sampler (str), vae (str: a folder);
+          VAR only: cfg (float), cfg_convention (str), top_k (int), top_p (float), more_smooth (bool).
+        None means "this family's default". A family must refuse, with a one-line `cli.UserError` whose
+        `where` is the flag (`refuse_options` does it), every option that is set but means nothing for it
+        (e.g. --guide for EDM), and any value it cannot honour.
+
+    Returns:
+      (family, params): `params` are the model's parameters as `image_sampler` takes them (host or device
+      arrays); the family is set up for sampling with these options: `image_shape`, `sample_settings()`,
+      `seed_classes()` and `image_sampler()` work. Auxiliary networks the options name (a guide, a decoder)
+      are held by the family, and their parameter checksums belong in `sample_settings()`.
+
+    Mistakes the user can fix (a missing or mismatched file, a contradicting flag) are one-line
+    `cli.UserError`s. The default refuses: this family cannot be sampled from a model folder.
+    """
+    del meta, options
+    raise cli.UserError(f"{path} holds a model of the family {cls.name!r}, which launch.sample and "
+                        "launch.evaluate --model cannot sample", "--model",
+                        "give an EDM or EDM2 model folder (launch.convert edm / edm2, or a DDO round folder)")
+
+  def sample_settings(self) -> dict:
+    """JSON-able record of what makes this family's images with the options of `from_model_dir` (the
+    sampler and its settings, labels, precision, image shape, checksums of auxiliary networks).
+    launch.sample adds the model's path and hashes and refuses a rerun into the same folder whose
+    settings differ, so it must hold everything a seed's image depends on besides `params`."""
+    raise NotImplementedError(f"family {self.name!r} was not set up by from_model_dir")
+
+  def seed_classes(self, seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """int64 [N]: the class each seed is sampled with (-1 for an unconditional model), without sampling;
+    `positions` are the seeds' indices in the seed list (class-balanced rules may use them)."""
+    raise NotImplementedError(f"family {self.name!r} was not set up by from_model_dir")
+
+  def image_sampler(self, params, mesh) -> Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+    """`fn(seeds, positions)` -> (uint8 images [B, H, W, C], int64 classes [B], -1 when unconditional),
+    host numpy arrays, for int32 seeds and positions [B] (B a multiple of the mesh's batch shards and
+    process count). Seed s draws its noise from fold_in(jax.random.key(sampling.seeded.CLI_BASE_SEED), s)
+    (`make_position_sampler`), so an image depends on its seed (and position), not on the batching.
+    With several processes every process gets every image."""
+    raise NotImplementedError(f"family {self.name!r} was not set up by from_model_dir")

@@ -19,7 +19,7 @@ import numpy as np
 
 from ddo_jax import cli
 from ddo_jax.families import diffusion
-from ddo_jax.families.base import Family
+from ddo_jax.families.base import Family, make_position_sampler, refuse_options
 from ddo_jax.utils import flatten_dict
 from ddo_jax.nets.edm_precond import build_precond, plain_dict
 from ddo_jax.sampling.heun import heun_sample
@@ -134,6 +134,86 @@ class EDM(Family):
     """What launch.sample / launch.convert need to rebuild the network from a saved parameter tree."""
     return {"family": "edm", "net": self.net_config}
 
+  # --- sampling a saved model (launch.sample, launch.evaluate --model) ------------------------------
+  SAMPLING_OPTIONS = ("labels", "num_steps", "S_churn", "float64")
+  float64 = False
+
+  @classmethod
+  def from_model_dir(cls, path, meta, options):
+    """An EDM folder (`launch.convert edm`: params/ + model.json, or a round folder: chosen/ + model.json)
+    with EDM's Heun sampler: --labels (default random, EDM's generate.py; balanced = seed mod label_dim),
+    --steps (18), --S_churn (0), --float64 (off). Other options are refused."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    from ddo_jax import parallel, tree_io  # pylint: disable=import-outside-toplevel
+    from ddo_jax.convert import edm_names  # pylint: disable=import-outside-toplevel
+    refuse_options(options, cls.SAMPLING_OPTIONS, "an EDM model")
+    labels = options["labels"] or "random"
+    num_steps = 18 if options["num_steps"] is None else int(options["num_steps"])
+    S_churn = 0.0 if options["S_churn"] is None else float(options["S_churn"])
+    if num_steps < 1:
+      raise cli.UserError(f"--steps {num_steps} is not positive", "--steps", "pass e.g. 18 (35 NFE)")
+    if S_churn < 0:
+      raise cli.UserError(f"--S_churn {S_churn} is negative", "--S_churn", "pass 0 (deterministic) or more")
+    family = cls(ml_collections.ConfigDict(dict(
+        net=meta["net"], P_mean=-1.2, P_std=1.2, labels=labels, metric="denoise_loss",
+        sampler=dict(num_steps=num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=S_churn))))
+    family.float64 = bool(options["float64"])
+    shapes = edm_names.abstract_params(meta["net"])   # nested dicts of shape tuples
+    tree = path / "params" if (path / "params").exists() else path / "chosen"
+    # Replicated over every device of every process: Orbax reads the folder on any topology (a tree saved
+    # by one process restores on several and the other way round).
+    sharding = parallel.replicated(parallel.make_mesh())
+    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32, sharding=sharding), shapes,
+                                      is_leaf=lambda s: isinstance(s, tuple))
+    params = tree_io.load_tree(tree, {"params": abstract})["params"]
+    return family, params
+
+  @property
+  def image_shape(self):
+    return tuple(self.sample_shape)
+
+  def sample_settings(self) -> dict:
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    return {
+        "image_shape": list(self.sample_shape),
+        "label_dim": self.label_dim,
+        "labels": self.config.labels if self.label_dim else None,
+        "float64": self.float64,
+        "base_seed": seeded.CLI_BASE_SEED,
+        **{f"sampler.{k}": v for k, v in self.config.sampler.to_dict().items()},   # num_steps, S_churn, ...
+    }
+
+  def seed_classes(self, seeds, positions):
+    """EDM's labels depend on the seed only: random (from the seed's key, int32 draws in either precision
+    mode) or seed mod label_dim; `positions` are not used."""
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    del positions
+    if not self.label_dim:
+      return np.full(len(seeds), -1, np.int64)
+    fn = jax.jit(lambda base, s: jnp.argmax(self.labels_for(seeded.seed_keys(base, s), s), axis=-1))
+    with jax.enable_x64(self.float64):
+      return np.asarray(fn(jax.random.key(seeded.CLI_BASE_SEED), np.asarray(seeds, np.int32)), np.int64)
+
+  def image_sampler(self, params, mesh):
+    from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    sample = self.sample_float64 if self.float64 else self.sample
+    program = make_position_sampler(lambda p, keys, seeds, positions: sample(p, keys, seeds), mesh,
+                                    parallel.replicated(mesh))
+    params = jax.device_put(params, parallel.replicated(mesh))
+    batch = parallel.batch_sharding(mesh)
+    base = jax.random.key(seeded.CLI_BASE_SEED)
+
+    def run(seeds, positions):
+      with jax.enable_x64(self.float64):
+        out = parallel.to_host(program(params, base, jax.device_put(np.asarray(seeds, np.int32), batch),
+                                       jax.device_put(np.asarray(positions, np.int32), batch)))
+      classes = (np.argmax(out["label"], axis=-1).astype(np.int64) if "label" in out
+                 else np.full(len(seeds), -1, np.int64))
+      return to_uint8(out["x"]), classes
+
+    return run
+
   # --- data and evaluation (host side) --------------------------------------------------------------
   def real_source(self, seed: int):
     """The training images (loaded once): CIFAR-10 from tfds or EDM's dataset zip."""
@@ -217,31 +297,6 @@ class EDM(Family):
 
 
 def load_model_dir(path, *, labels: str = "random", num_steps: int = 18, S_churn: float = 0.0):
-  """(family, params) from a folder written by `launch.convert edm` (params/ + model.json) or a DDO
-  round folder (chosen/ + model.json), with EDM's Heun sampler settings for sampling from it."""
-  import ml_collections
-  from ddo_jax.convert import edm_names
-  from ddo_jax import tree_io
-  path = pathlib.Path(path)
-  meta_path = path / "model.json"
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{meta_path} not found: expected a folder written by "
-                            "`python -m launch.convert edm` or a round folder of a DDO run")
-  meta = json.loads(meta_path.read_text())
-  if meta.get("family", "edm") != "edm":
-    raise ValueError(f"{path} holds a {meta['family']!r} model, not an EDM one")
-  family = EDM(ml_collections.ConfigDict(dict(
-      net=meta["net"], P_mean=-1.2, P_std=1.2, labels=labels, metric="denoise_loss",
-      sampler=dict(num_steps=num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=S_churn))))
-  shapes = edm_names.abstract_params(meta["net"])   # nested dicts of shape tuples
-  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
-                                    is_leaf=lambda s: isinstance(s, tuple))
-  tree = path / "params" if (path / "params").exists() else path / "chosen"
-  # Replicated over every device of every process: Orbax reads the folder on any topology (a tree saved
-  # by one process restores on several and the other way round).
-  from ddo_jax import parallel
-  sharding = parallel.replicated(parallel.make_mesh())
-  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  params = tree_io.load_tree(tree, {"params": abstract})["params"]
-  return family, params
-
+  """EDM.from_model_dir through `ddo_jax.families.load_model_dir` (kept for callers of the EDM-only API)."""
+  from ddo_jax import families  # pylint: disable=import-outside-toplevel
+  return families.load_model_dir(path, labels=labels, num_steps=num_steps, S_churn=S_churn)

@@ -41,13 +41,23 @@ import numpy as np
 from ddo_jax import cli
 from ddo_jax.families import diffusion
 from ddo_jax.families.edm import EDM, to_uint8
-from ddo_jax.families.base import Family
-from ddo_jax.nets import edm2_unet
+from ddo_jax.families.base import Family, make_position_sampler, refuse_options
+from ddo_jax.nets import edm2_encoders, edm2_unet
 from ddo_jax.nets.edm2_encoders import stability_constants
+from ddo_jax.sampling import dpmv3, heun, labels as labels_lib
 from ddo_jax.sampling.heun import heun_sample
 from ddo_jax.utils import flatten_dict, log
 
 SPACES = ("pixel", "latent")
+# launch.sample / launch.evaluate --model: DDO's EDM2_sample.py samplers and their default step counts (Heun:
+# EDM2's 32 steps = 63 NFE; DPM-Solver-v3: the 25 steps of DDO's README).
+SAMPLERS = ("heun", "dpmv3")
+DEFAULT_STEPS = {"heun": 32, "dpmv3": 25}
+# EDM2_sample.py decodes through the VAE encoder_batch_size = 4 images at a time (memory only).
+VAE_DECODE_BATCH = 4
+VAE_FIX = ("download the diffusers folder stabilityai/sd-vae-ft-mse (config.json + diffusion_pytorch_model"
+           ".safetensors), convert it with `python -m launch.convert sd-vae --src <folder> --out <dir>` and "
+           "pass --vae <dir>")
 # EDM2's StabilityVAEEncoder statistics of sd-vae-ft-mse latents on ImageNet (METHOD.md §2.5).
 STABILITY_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 STABILITY_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -114,8 +124,12 @@ class EDM2(EDM):
                             "use 'pixel' (img64) or 'latent' (img512)")
     if self.space == "latent":
       lat = config.latent
-      self.latent_scale, self.latent_bias = stability_constants(
-          list(lat.raw_mean), list(lat.raw_std), float(lat.final_mean), float(lat.final_std))
+      if lat.get("scale") is not None:   # the constants themselves (a converted model's encoder, a round)
+        self.latent_scale = np.asarray(lat.scale, np.float32).reshape(-1)
+        self.latent_bias = np.asarray(lat.bias, np.float32).reshape(-1)
+      else:
+        self.latent_scale, self.latent_bias = stability_constants(
+            list(lat.raw_mean), list(lat.raw_std), float(lat.final_mean), float(lat.final_std))
       if self.latent_scale.shape != (c,):
         raise cli.ConfigError(f"model.latent has {self.latent_scale.shape[0]} channels, the net {c}",
                               "config.model.latent.raw_mean", "give one raw_mean / raw_std per latent channel")
@@ -234,6 +248,227 @@ class EDM2(EDM):
               if fa.get(k) != fb.get(k)]
       raise ValueError(f"the network in {path} differs from config.model.net:\n  " + "\n  ".join(diff))
 
+  # --- sampling a saved model (launch.sample, launch.evaluate --model) ------------------------------
+  SAMPLING_OPTIONS = ("labels", "num_steps", "S_churn", "float64", "guidance", "guide", "sampler", "vae")
+
+  @classmethod
+  def from_model_dir(cls, path, meta, options):
+    """An EDM2 folder (`launch.convert edm2`: params/ + model.json, or a round folder of an EDM2 DDO run:
+    chosen/ + model.json) sampled as DDO's EDM2_sample.py does.
+
+    Options (None = default): --sampler heun (EDM2's edm_sampler, default) or dpmv3 (DDO's training-free
+    DPM-Solver-v3); --steps (32 for heun, 25 for dpmv3); --labels balanced (default: the class of the seed at
+    position p of the seed list is p mod label_dim, EDM2_sample.py's rule, `sampling.labels`) or random (a
+    class drawn from the seed's key); --guidance G with --guide DIR (autoguidance by a converted EDM2 guide
+    net, D = lerp(D_guide, D, G); each needs the other); --float64 (default: off for heun, as upstream's
+    float32 edm_sampler, on for dpmv3, as upstream's float64 solver state; --nofloat64 turns it off);
+    --S_churn (heun only, default 0); --vae DIR, required by latent (img512) models and refused for pixel
+    ones: the SD-VAE folder of `launch.convert sd-vae`, decoding with the model's StabilityVAEEncoder
+    scale and bias. A seed's noise is float32 normal from its key whatever the precision, as upstream's
+    float32 torch noise. A converted folder's net runs with its model.json gain_dtype (the pickle's own
+    forward); a round folder's is the plain float32 net that DDO trained.
+    """
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    refuse_options(options, cls.SAMPLING_OPTIONS, "an EDM2 model")
+    sampler = options["sampler"] or "heun"
+    if sampler not in SAMPLERS:
+      raise cli.UserError(f"--sampler {sampler!r} is not an EDM2 sampler", "--sampler", "use heun or dpmv3")
+    if sampler == "dpmv3":
+      refuse_options(options, [k for k in cls.SAMPLING_OPTIONS if k != "S_churn"], "EDM2's --sampler dpmv3")
+    guidance = 1.0 if options["guidance"] is None else float(options["guidance"])
+    guide = options["guide"]
+    if guidance != 1.0 and not guide:
+      raise cli.UserError(f"--guidance {guidance:g} needs a guide network", "--guide",
+                          "pass --guide <folder of a guide net converted with `python -m launch.convert edm2`> "
+                          "(DDO's img512 protocol: edm2-img512-xs-0134217-0.165.pkl with --guidance 1.1), or drop "
+                          "--guidance")
+    if guide and guidance == 1.0:
+      raise cli.UserError("--guide without --guidance: guidance 1 never calls the guide", "--guidance",
+                          "pass the guidance weight, e.g. --guidance 1.1, or drop --guide")
+    labels = options["labels"] or "balanced"
+    num_steps = DEFAULT_STEPS[sampler] if options["num_steps"] is None else int(options["num_steps"])
+    if num_steps < 1:
+      raise cli.UserError(f"--steps {num_steps} is not positive", "--steps",
+                          f"pass e.g. {DEFAULT_STEPS[sampler]} (the default of --sampler {sampler})")
+    S_churn = 0.0 if options["S_churn"] is None else float(options["S_churn"])
+    if S_churn < 0:
+      raise cli.UserError(f"--S_churn {S_churn} is negative", "--S_churn", "pass 0 (deterministic) or more")
+    float64 = (sampler == "dpmv3") if options["float64"] is None else bool(options["float64"])
+
+    net_config, space, scale_bias = _model_dir_net(path, meta)
+    if space == "pixel" and options["vae"]:
+      raise cli.UserError(f"--vae means nothing for {path}, a pixel-space EDM2 model (its images are the "
+                          "samples)", "--vae", "drop --vae")
+    if space == "latent" and not options["vae"]:
+      raise cli.UserError(f"{path} is a latent-space EDM2 model: its samples are SD-VAE latents", "--vae", VAE_FIX)
+    config = dict(net=net_config, space=space, labels=labels, metric="denoise_loss", P_mean=-0.4, P_std=1.0,
+                  data=dict(source="synthetic", num=0),
+                  sampler=dict(num_steps=num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=S_churn))
+    if space == "latent":
+      config["latent"] = dict(scale=scale_bias[0], bias=scale_bias[1])
+    family = cls(ml_collections.ConfigDict(config))
+    family.net = edm2_unet.build_precond(net_config, gain_dtype=meta.get("gain_dtype"))
+    family.sampler_name, family.guidance, family.float64 = sampler, guidance, float64
+    family.gain_dtype = meta.get("gain_dtype")
+    family.guide_net = family.guide_params = family.guide_gain_dtype = None
+    family.vae_params = None
+    family.decoder = edm2_encoders.StandardRGBEncoder()
+    family.decoded_shape = tuple(family.sample_shape)
+    if guide:
+      family._load_guide(pathlib.Path(guide))
+    if space == "latent":
+      family._load_vae(pathlib.Path(options["vae"]))
+    return family, _load_variables(path, net_config)
+
+  def _load_guide(self, guide: pathlib.Path) -> None:
+    from ddo_jax import families  # pylint: disable=import-outside-toplevel
+    meta = families.read_model_json(guide)
+    if meta.get("family", "edm") != "edm2":
+      raise cli.UserError(f"{guide} holds a model of the family {meta.get('family', 'edm')!r}, not an EDM2 guide "
+                          "network",
+                          "--guide", "give a folder written by `python -m launch.convert edm2` (e.g. of "
+                          "edm2-img512-xs-0134217-0.165.pkl)")
+    config, _, _ = _model_dir_net(guide, meta)
+    mine = (self.net_config["img_resolution"], self.net_config["img_channels"], self.label_dim)
+    theirs = (config["img_resolution"], config["img_channels"], int(config["label_dim"]))
+    if mine != theirs:
+      raise cli.UserError(f"the guide {guide} makes {theirs[0]}x{theirs[0]}x{theirs[1]} samples with "
+                          f"{theirs[2]} classes, the model {mine[0]}x{mine[0]}x{mine[1]} with {mine[2]}",
+                          "--guide", "give a guide trained on the same data (resolution, channels, classes)")
+    self.guide_net = edm2_unet.build_precond(config, gain_dtype=meta.get("gain_dtype"))
+    self.guide_gain_dtype = meta.get("gain_dtype")
+    self.guide_params = _load_variables(guide, config, "--guide")
+
+  def _load_vae(self, vae_dir: pathlib.Path) -> None:
+    from ddo_jax import families  # pylint: disable=import-outside-toplevel
+    from ddo_jax.convert import sd_vae as sd_vae_convert  # pylint: disable=import-outside-toplevel
+    from ddo_jax.nets import sd_vae  # pylint: disable=import-outside-toplevel
+    if not (vae_dir / "model.json").is_file():
+      raise cli.UserError(f"{vae_dir} has no model.json", "--vae", VAE_FIX)
+    meta = families.read_model_json(vae_dir)
+    if meta.get("family") != "sd-vae" or "vae" not in meta:
+      raise cli.UserError(f"{vae_dir} holds a model of the family {meta.get('family')!r}, not an SD-VAE", "--vae",
+                          VAE_FIX)
+    try:
+      config = sd_vae_convert.config_from_diffusers(meta["vae"])
+    except ValueError as e:
+      raise cli.UserError(f"{vae_dir}/model.json: {e}", "--vae", VAE_FIX) from e
+    vae = sd_vae.build_autoencoder_kl(config)
+    c = self.sample_shape[2]
+    if int(config["latent_channels"]) != c:
+      raise cli.UserError(f"the VAE in {vae_dir} has {config['latent_channels']} latent channels, the model {c}",
+                          "--vae", "give the VAE the model was trained with (stabilityai/sd-vae-ft-mse)")
+    params = _load_replicated(vae_dir / "params", sd_vae.abstract_params(vae), "--vae")
+    self.decoder = edm2_encoders.StabilityVAEEncoder(vae, scale=self.latent_scale, bias=self.latent_bias,
+                                                     batch_size=VAE_DECODE_BATCH)
+    self.vae_params = params
+    out = jax.eval_shape(lambda p, z: vae.apply({"params": p}, z, method="decode"), params,
+                         jax.ShapeDtypeStruct((1,) + tuple(self.sample_shape), jnp.float32))
+    self.decoded_shape = tuple(int(d) for d in out.shape[1:])
+
+  @property
+  def image_shape(self):
+    return tuple(getattr(self, "decoded_shape", None) or self.sample_shape)
+
+  positions_matter = property(lambda self: bool(self.label_dim) and self.config.labels == "balanced")
+
+  def sample_settings(self) -> dict:
+    import hashlib  # pylint: disable=import-outside-toplevel
+    from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+
+    def checksum(tree):
+      if tree is None:
+        return None
+      return hashlib.sha256(json.dumps(tree_io.tree_checksum(tree), sort_keys=True).encode()).hexdigest()
+
+    s = self.config.sampler
+    settings = {
+        "family": "edm2", "image_shape": list(self.image_shape), "space": self.space,
+        "sample_shape": list(self.sample_shape), "label_dim": self.label_dim,
+        "labels": self.config.labels if self.label_dim else None,
+        "float64": self.float64, "base_seed": seeded.CLI_BASE_SEED, "gain_dtype": self.gain_dtype,
+        "sampler": self.sampler_name, "sampler.num_steps": s.num_steps, "sampler.sigma_min": s.sigma_min,
+        "sampler.sigma_max": s.sigma_max, "guidance": self.guidance,
+        "guide_params_checksum": checksum(self.guide_params), "guide_gain_dtype": self.guide_gain_dtype,
+    }
+    if self.sampler_name == "heun":
+      settings.update({"sampler.rho": s.rho, "sampler.S_churn": s.S_churn})
+    if self.space == "latent":
+      settings.update({"latent_scale": self.latent_scale.tolist(), "latent_bias": self.latent_bias.tolist(),
+                       "vae_params_checksum": checksum(self.vae_params)})
+    return settings
+
+  def _classes(self, keys, positions):
+    """int32 classes [B]: position mod label_dim ('balanced') or drawn from each seed's key ('random')."""
+    if self.config.labels == "balanced":
+      return labels_lib.balanced_classes(jnp.asarray(positions, jnp.int32), self.label_dim)
+    return jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.label_dim,
+                                                 dtype=jnp.int32))(keys)
+
+  def seed_classes(self, seeds, positions):
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    if not self.label_dim:
+      return np.full(len(seeds), -1, np.int64)
+    if self.config.labels == "balanced":
+      return np.asarray(labels_lib.balanced_classes(np.asarray(positions, np.int64), self.label_dim), np.int64)
+    keys = seeded.seed_keys(jax.random.key(seeded.CLI_BASE_SEED), jnp.asarray(np.asarray(seeds, np.int32)))
+    return np.asarray(jax.jit(self._classes)(keys, np.asarray(positions, np.int32)), np.int64)
+
+  def sample_latents(self, params, guide_params, keys, positions):
+    """The sampler's output for per-seed keys and list positions: EDM2's Heun (autoguided) or DPM-Solver-v3,
+    from float32 noise, in the float64 or float32 state `self.float64` chooses (traced under enable_x64 for
+    float64). Returns (samples [B, h, w, C] float32, classes int32 [B] or None)."""
+    s = self.config.sampler
+    dtype = jnp.float64 if self.float64 else jnp.float32
+    noise = jax.vmap(lambda k: jax.random.normal(k, self.sample_shape, jnp.float32))(keys).astype(dtype)
+    classes = self._classes(keys, positions) if self.label_dim else None
+    labels = labels_lib.one_hot_labels(classes, self.label_dim) if self.label_dim else None
+    den = lambda x, sigma, l: self.net.apply(params, x, sigma, l)
+    gden = None
+    if self.guide_net is not None:
+      gden = lambda x, sigma, l: self.guide_net.apply(guide_params, x, sigma, l)
+    if self.sampler_name == "dpmv3":
+      x = dpmv3.dpmv3_sample(den, noise, labels, guide=gden, guidance=self.guidance, num_steps=s.num_steps,
+                             sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+    else:
+      x = heun.edm2_heun_sample(den, noise, labels, guide=gden, guidance=self.guidance, num_steps=s.num_steps,
+                                sigma_min=s.sigma_min, sigma_max=s.sigma_max, rho=s.rho, S_churn=s.S_churn,
+                                keys=keys)
+    return x.astype(jnp.float32), classes
+
+  def image_sampler(self, params, mesh):
+    from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+    from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    # The VAE decodes each device's own rows (VAE_DECODE_BATCH at a time), never gathering the batch.
+    decode = jax.shard_map(lambda vae_params, x: self.decoder.decode(vae_params, x), mesh=mesh,
+                           in_specs=(P(), P(parallel.BATCH_AXES)), out_specs=P(parallel.BATCH_AXES))
+
+    def fn(p, keys, seeds, positions):
+      del seeds
+      x, classes = self.sample_latents(p["net"], p["guide"], keys, positions)
+      images = decode(p["vae"], x) if self.space == "latent" else self.decoder.decode(None, x)
+      out = {"images": images}
+      if classes is not None:
+        out["classes"] = classes
+      return out
+
+    replicated = parallel.replicated(mesh)
+    program = make_position_sampler(fn, mesh, replicated)
+    bundle = jax.device_put({"net": params, "guide": self.guide_params, "vae": self.vae_params}, replicated)
+    batch = parallel.batch_sharding(mesh)
+    base = jax.random.key(seeded.CLI_BASE_SEED)
+
+    def run(seeds, positions):
+      with jax.enable_x64(self.float64):
+        out = parallel.to_host(program(bundle, base, jax.device_put(np.asarray(seeds, np.int32), batch),
+                                       jax.device_put(np.asarray(positions, np.int32), batch)))
+      classes = (np.asarray(out["classes"], np.int64) if "classes" in out else np.full(len(seeds), -1, np.int64))
+      return np.asarray(out["images"], np.uint8), classes
+
+    return run
+
   # --- data and evaluation (host side) --------------------------------------------------------------
   def real_source(self, seed: int):
     """Training examples {'x', 'label'}: images in [-1, 1] (pixel) or raw VAE moments (latent)."""
@@ -299,6 +534,50 @@ class EDM2(EDM):
       # Latents shown as they are (channels 0-2 mapped from EDM2's +-2 range), not decoded by the VAE.
       x = np.asarray(x)[..., :3] / 2.0
     EDM.plot_samples(self, ax, x, title)
+
+
+def _model_dir_net(path, meta):
+  """(net config without dropout, space, (scale, bias) or None) of an EDM2 model folder's model.json: a
+  converted folder describes its space by its encoder, a round folder by 'space' and 'latent'."""
+  from ddo_jax.convert import edm2 as edm2_convert  # pylint: disable=import-outside-toplevel
+  if "net" not in meta:
+    raise cli.UserError(f"{path}/model.json has no 'net'", "--model",
+                        "give a folder written by `python -m launch.convert edm2` or a round folder of an EDM2 run")
+  net = edm2_convert.normalize_config(meta["net"])
+  net.setdefault("unet_kwargs", {})["dropout"] = 0.0   # sampling runs the net in eval mode (no dropout)
+  encoder = meta.get("encoder")
+  if encoder is not None:
+    latent = encoder.get("class_name") == "StabilityVAEEncoder"
+    scale_bias = (list(encoder["scale"]), list(encoder["bias"])) if latent else None
+  else:
+    latent = meta.get("space", "pixel") == "latent"
+    scale_bias = (list(meta["latent"]["scale"]), list(meta["latent"]["bias"])) if latent else None
+  return net, ("latent" if latent else "pixel"), scale_bias
+
+
+def _load_replicated(tree_dir, abstract, what: str):
+  """The Orbax tree {'params': <abstract>} at tree_dir, replicated over every device of every process (Orbax
+  reads it on any topology); a tree that does not match is a one-line UserError."""
+  from ddo_jax import parallel, tree_io  # pylint: disable=import-outside-toplevel
+  sharding = parallel.replicated(parallel.make_mesh())
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+  try:
+    return tree_io.load_tree(tree_dir, {"params": abstract})["params"]
+  except tree_io.CorruptCheckpointError as e:
+    raise cli.UserError(str(e).splitlines()[0], what,
+                        "the parameters do not belong to the net its model.json describes (or the folder is "
+                        "damaged): convert the model again") from e
+
+
+def _load_variables(path, net_config, where: str = "--model") -> dict:
+  """The {'params', 'buffers'} variables of an EDM2 folder, params/ (converted) or chosen/ (round), replicated."""
+  path = pathlib.Path(path)
+  tree = path / "params" if (path / "params").exists() else path / "chosen"
+  if not tree.is_dir():
+    raise cli.UserError(f"{path} has neither params/ nor chosen/", where,
+                        "give a folder written by `python -m launch.convert edm2` or a round folder of an EDM2 run")
+  abstract = edm2_unet.abstract_variables(edm2_unet.build_precond(net_config))
+  return _load_replicated(tree, abstract, where)
 
 
 __all__ = ["EDM2", "synthetic_latents", "to_uint8"]

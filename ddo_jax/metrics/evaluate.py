@@ -9,7 +9,8 @@ against a reference, and reference statistics of an image set.
 * `make_reference`: mu, sigma (and optionally the first features) of an image set, written as an
   EDM-compatible `.npz`.
 
-Metrics take images, not models: a sampler is any callable, built by the caller.
+Metrics take images, not models: a sampler is any callable, built by the caller (launch.evaluate --model builds
+it from any model family through `ddo_jax.families.load_model_dir`; this layer does not import families/).
 """
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -76,9 +77,10 @@ def evaluate_sampler(sampler: Callable[[int], Iterable[np.ndarray]], num_images:
   """Metrics of `num_images` samples drawn from `sampler`, without writing images.
 
   Args:
-    sampler: `sampler(num_images)` yields uint8 NHWC batches (EDM convention
-      `clip(x * 127.5 + 128, 0, 255)`) totalling at least `num_images`; extra rows are cut. With
-      several processes every process yields the same full batches (each feeds its part).
+    sampler: `sampler(num_images)` yields uint8 NHWC batches (the images as a family decodes them, e.g.
+      EDM's `clip(x * 127.5 + 128, 0, 255)`, or an EDM2 latent model's SD-VAE output) totalling at least
+      `num_images`; extra rows are cut. With several processes every process yields the same full batches
+      (each feeds its part).
     num_images: number of samples to evaluate.
     evaluator: an `Evaluator` with the references set.
 
