@@ -204,7 +204,8 @@ class Family(abc.ABC):
           labels ('random' | 'balanced'), num_steps (int, --steps), S_churn (float), float64 (bool),
           guidance (float), guide (str: a folder), sampler (str), vae (str: a folder);
           VAR only: cfg (float), cfg_convention (str), top_k (int), top_p (float), more_smooth (bool).
-        None means "this family's default". A family must refuse, with a one-line `cli.UserError` whose
+        None means "this family's default"; launch.evaluate --model always sets labels ('balanced' unless
+        --labels random: the FID protocol), so a class-conditional family should accept it. A family must refuse, with a one-line `cli.UserError` whose
         `where` is the flag (`refuse_options` does it), every option that is set but means nothing for it
         (e.g. --guide for EDM), and any value it cannot honour.
 
