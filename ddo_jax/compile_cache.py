@@ -60,8 +60,9 @@ def enable(cache_dir: Optional[str] = None, *, min_compile_time_secs: float = 1.
 
   path = resolve(cache_dir)
   if path is None:
-    jax.config.update("jax_compilation_cache_dir", None)
-    _reset()
+    if jax.config.jax_compilation_cache_dir is not None:   # only undo a cache that is on
+      jax.config.update("jax_compilation_cache_dir", None)
+      _reset()
     return None
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_enable_compilation_cache", True)
@@ -69,7 +70,7 @@ def enable(cache_dir: Optional[str] = None, *, min_compile_time_secs: float = 1.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   _reset()
-  _log.info("persistent compilation cache: %s", path)
+  _log.debug("persistent compilation cache: %s", path)
   return path
 
 
@@ -92,8 +93,13 @@ def release_compile_memory() -> bool:
 
 def _reset() -> None:
   """Make JAX re-read the cache folder at its next compilation (it reads it once, at the first)."""
+  quiet = logging.getLogger("jax._src.compilation_cache")   # it logs "Resetting cache" at INFO
+  level = quiet.level
+  quiet.setLevel(logging.WARNING)
   try:
     from jax._src import compilation_cache as cc
     cc.reset_cache()
   except Exception:  # pragma: no cover - private API; the config update alone works before any compile
     pass
+  finally:
+    quiet.setLevel(level)
