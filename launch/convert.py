@@ -10,13 +10,20 @@
   python -m launch.convert edm2 --src edm2-img64-s-1073741-0.075.pkl --out ckpt/edm2-img64-s [--which ema]
   python -m launch.convert sd-vae --src sd-vae-ft-mse/ --out ckpt/sd-vae-ft-mse     (a diffusers AutoencoderKL folder)
   python -m launch.convert export-edm2 --src ckpt/edm2-img64-s --out ddo.pt [--dtype float16|float32]
+  python -m launch.convert var --src var_d16.pth --out ckpt/var-d16        (.pth zip or legacy, or .safetensors)
+  python -m launch.convert var --src ar-ckpt-last.pth --key trainer/var_wo_ddp --out ckpt/var-d16   (training file)
+  python -m launch.convert vqvae --src vae_ch160v4096z32.pth --out ckpt/vae-ch160v4096z32 [--patch_nums 1,2,3,4]
+  python -m launch.convert export-var --src ckpt/var-d16 --out var_d16-jax.pth     (or .safetensors)
+  python -m launch.convert export-vqvae --src ckpt/vae-ch160v4096z32 --out vae.pth
 
 The subcommand is the first positional argument or --kind. `edm` reads an NVlabs/edm network pickle with an
 allowlist unpickler (the embedded module sources are hashed and compared with upstream, never executed) and writes
 DIR/params (Orbax {'params': ...}) and DIR/model.json. `export-edm` writes the EDMPrecond state dict of converted or
 DDO-tuned params, loadable in NVlabs/edm with `net.load_state_dict(...)`. `edm2` and `export-edm2` do the same for
 NVlabs/edm2 pickles (EasyDict with a float16 Precond `ema` and its `encoder`, which model.json describes), `sd-vae`
-converts the VAE of EDM2's StabilityVAEEncoder from a diffusers folder. A refusal or a mistake is one line
+converts the VAE of EDM2's StabilityVAEEncoder from a diffusers folder. `var` and `vqvae` read FoundationVision/VAR
+state dicts (`var_d16.pth`, `var_d30.pth`, DDO's `var_d*-ddo.pth`, `vae_ch160v4096z32.pth`) with the same
+allowlisted reader; `export-var` / `export-vqvae` write state dicts upstream loads with `load_state_dict(strict=True)`. A refusal or a mistake is one line
 `error: ...` on stderr with exit status 2 (--debug shows the traceback).
 
 Outputs are written to a temporary sibling (`.OUT.tmp-XXXXXXXX` folder, `.OUT.XXXXXXXX.tmp` file) and renamed into
@@ -36,17 +43,22 @@ from absl import logging as absl_logging
 
 from ddo_jax import cli
 
-KINDS = ("edm", "inception", "export-edm", "edm2", "sd-vae", "export-edm2")
+KINDS = ("edm", "inception", "export-edm", "edm2", "sd-vae", "export-edm2", "var", "vqvae", "export-var",
+         "export-vqvae")
 
 _KIND = flags.DEFINE_enum("kind", None, KINDS, "what to convert (or give it as the first positional argument)")
 _SRC = flags.DEFINE_string("src", None, "input: .pkl (edm, edm2), .pth (inception), diffusers folder (sd-vae), "
-                           "converted dir or Orbax dir (export-edm, export-edm2)")
-_OUT = flags.DEFINE_string("out", None, "output folder (edm, edm2, sd-vae, inception) or file (export-edm, export-edm2)")
+                           ".pth/.safetensors (var, vqvae), converted dir or Orbax dir (export-*)")
+_OUT = flags.DEFINE_string("out", None, "output folder (edm, edm2, sd-vae, inception, var, vqvae) or file (export-*)")
 _WHICH = flags.DEFINE_string("which", "ema", "edm, edm2: the top-level entry of the pickle holding the network")
+_KEY = flags.DEFINE_string("key", None, "var: the state dict's path inside the file's top-level dict, '/'-separated "
+                           "(a VAR training checkpoint ar-ckpt*.pth: trainer/var_wo_ddp)")
+_PATCH_NUMS = flags.DEFINE_list("patch_nums", None, "vqvae: the token-map sides of the scales, e.g. 1,2,3,4 "
+                                "(default: the released 1,2,3,4,5,6,8,10,13,16; the file does not store them)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing non-empty output folder or file")
 _MODEL = flags.DEFINE_string("model", None, "export-edm, export-edm2: model.json (or its folder) when --src is a bare Orbax dir")
 _FORMAT = flags.DEFINE_enum("format", None, ["safetensors", "torch"],
-                            "export-edm, export-edm2: output format (default: from the extension, .safetensors "
+                            "export-*: output format (default: from the extension, .safetensors "
                             "or .pt/.pth)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"],
                            "export-edm2: tensor dtype of the state dict (float16 is the released pickles' storage)")
@@ -321,6 +333,69 @@ def run_export_edm2(src: str, out: str, model, fmt, dtype: str, overwrite: bool)
            else "net.load_state_dict(safetensors.torch.load_file(PATH))"))
 
 
+def run_var(src: str, out: str, key, overwrite: bool) -> None:
+  """VAR transformer state dict (.pth zip / legacy, .safetensors) -> OUT/params + OUT/model.json."""
+  from ddo_jax.convert import var  # pylint: disable=import-outside-toplevel
+  report = var.convert_var_file(_src_file(src), out, overwrite=overwrite, key=key)
+  print(f"source      {report['source_path']} ({report['container']}"
+        + (f", key {report['nested_key']}" if report["nested_key"] else "") + ")")
+  print(f"sha256      {report['file_sha256']}  ({report['file_bytes']} bytes)")
+  print(f"net         {var.summary(report['config'])}")
+  print(f"params      {report['param_count']:,} parameters; {report['state_dict_entries']} state_dict entries, "
+        f"keys checked ({report['key_check']['expected']} expected, none missing, unexpected or mismatched); "
+        f"structural buffers equal to the constructor's: {', '.join(report['structural_buffers_checked'])}")
+  print(f"wrote       {os.path.abspath(out)}/params (Orbax {{'params': ...}}) and {os.path.abspath(out)}/model.json")
+
+
+def run_vqvae(src: str, out: str, patch_nums, overwrite: bool) -> None:
+  """VAR's multi-scale VQVAE state dict -> OUT/params + OUT/model.json."""
+  from ddo_jax.convert import vqvae  # pylint: disable=import-outside-toplevel
+  if patch_nums is not None:
+    try:
+      patch_nums = tuple(int(p) for p in patch_nums)
+    except ValueError as e:
+      raise cli.UserError(f"--patch_nums={','.join(patch_nums)} is not a list of integers", "--patch_nums",
+                          "give the scales' sides, e.g. 1,2,3,4,5,6,8,10,13,16") from e
+    if not patch_nums or any(p < 1 for p in patch_nums) or list(patch_nums) != sorted(set(patch_nums)):
+      raise cli.UserError(f"--patch_nums={','.join(map(str, patch_nums))} must be increasing positive sides",
+                          "--patch_nums", "e.g. 1,2,3,4,5,6,8,10,13,16")
+  vae, variables, report = vqvae.convert_vqvae_file(_src_file(src), patch_nums)
+  written = vqvae.save_converted(out, vae, variables, report, overwrite=overwrite)
+  print(f"source      {report['source_path']}")
+  print(f"sha256      {report['file_sha256']}  ({report['file_bytes']} bytes)")
+  print(f"net         VQVAE(vocab_size={vae.vocab_size}, z_channels={vae.z_channels}, ch={vae.ch}, "
+        f"ch_mult={list(vae.ch_mult)}, share_quant_resi={vae.share_quant_resi}); patch_nums {list(vae.patch_nums)} "
+        f"({report['patch_nums_source']})")
+  print(f"params      {report['param_count']:,} parameters; {report['state_dict_entries']} state_dict entries "
+        f"(quantize.ema_vocab_hit_SV {report['buffer_shape']}: training statistics, not converted)")
+  print(f"wrote       {written}/params (Orbax {{'params': ...}}) and {written}/model.json")
+
+
+def run_export_var(src: str, out: str, fmt, overwrite: bool) -> None:
+  """Converted VAR folder -> upstream state dict file."""
+  from ddo_jax.convert import var  # pylint: disable=import-outside-toplevel
+  if os.path.exists(out) and not overwrite:
+    raise cli.UserError(f"{out} exists; pass --overwrite to replace it", "--out")
+  variables, config, _ = var.load_converted(src)
+  state = var.export_var(variables, config, out, fmt)
+  print(f"wrote       {os.path.abspath(out)} ({len(state)} tensors, VAR state_dict with its buffers)")
+  print("load it in FoundationVision/VAR: var.load_state_dict(torch.load(PATH, map_location='cpu', "
+        "weights_only=True), strict=True)")
+
+
+def run_export_vqvae(src: str, out: str, fmt, overwrite: bool) -> None:
+  """Converted VQVAE folder -> upstream state dict file."""
+  from ddo_jax.convert import edm, vqvae  # pylint: disable=import-outside-toplevel
+  if os.path.exists(out) and not overwrite:
+    raise cli.UserError(f"{out} exists; pass --overwrite to replace it", "--out")
+  fmt = edm.export_format(out, fmt)
+  vae, variables = vqvae.load_converted(src)
+  if (fmt == "safetensors") != str(out).endswith(".safetensors"):
+    raise cli.UserError(f"--format {fmt} contradicts the name {out}", "--format", "name the file .pth or .safetensors")
+  state = vqvae.export_vqvae(variables, vae, out)
+  print(f"wrote       {os.path.abspath(out)} ({len(state)} tensors, VQVAE state_dict)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -341,6 +416,18 @@ def _dispatch(kind: str) -> None:
   elif kind == "export-edm2":
     _require(src=_SRC.value, out=_OUT.value)
     run_export_edm2(_SRC.value, _OUT.value, _MODEL.value, _FORMAT.value, _DTYPE.value, _OVERWRITE.value)
+  elif kind == "var":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_var(_SRC.value, _OUT.value, _KEY.value, _OVERWRITE.value)
+  elif kind == "vqvae":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_vqvae(_SRC.value, _OUT.value, _PATCH_NUMS.value, _OVERWRITE.value)
+  elif kind == "export-var":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_export_var(_SRC.value, _OUT.value, _FORMAT.value, _OVERWRITE.value)
+  elif kind == "export-vqvae":
+    _require(src=_SRC.value, out=_OUT.value)
+    run_export_vqvae(_SRC.value, _OUT.value, _FORMAT.value, _OVERWRITE.value)
   else:
     _require(src=_SRC.value, out=_OUT.value)
     run_export(_SRC.value, _OUT.value, _MODEL.value, _FORMAT.value, _OVERWRITE.value)
