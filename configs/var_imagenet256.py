@@ -41,8 +41,9 @@ BASE_LR = 1e-6                      # train_ddo.sh --tblr=1e-6
 VARIANTS = {
     "d16": "VAR-d16 (var_d16.pth) on ImageNet-256: 2 rounds of 98 AdamW steps of 1024 real + 1024 online fakes",
     "d30": "VAR-d30 (var_d30.pth) on ImageNet-256: 2 rounds of 98 AdamW steps of 1024 real + 1024 online fakes",
+    "tiny": "smoke run: a random depth-2 VAR and a random tiny VQVAE on SYNTHETIC 64x64 images, 2 rounds of 2 steps",
 }
-ACCUMULATE = {"d16": 8, "d30": 32}  # train_ddo.sh: d16 --ac=8, d30 --ac=32 (8 GPUs, 16 resp. 4 per GPU)
+ACCUMULATE = {"d16": 8, "d30": 32, "tiny": 1}  # train_ddo.sh: d16 --ac=8, d30 --ac=32 (8 GPUs, 16 resp. 4 per GPU)
 
 # VAR train.py's nowd_keys (filter_params also exempts every 1-D parameter and names ending in 'bias'; an
 # embedding that matches none of these, like class_emb, IS decayed upstream).
@@ -53,7 +54,7 @@ NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_em
 def get_config(arg: str = "d16"):
   if arg not in VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/var_imagenet256.py ({', '.join(VARIANTS)})")
-  depth = int(arg[1:])
+  depth = 2 if arg == "tiny" else int(arg[1:])
   ac = ACCUMULATE[arg]
   micro = EFFECTIVE_BATCH // ac                       # 128 (d16), 32 (d30): VAR's args.bs = round(bs / ac)
   iters_per_epoch = math.ceil(IMAGENET_TRAIN / micro)  # 10010 (d16), 40037 (d30): VAR's iters_train, --ep=1
@@ -112,4 +113,20 @@ def get_config(arg: str = "d16"):
   c.checkpoint = dict(every=CHECKPOINT_EVERY * ac, async_save=False)
   c.log_every = ac                              # once per optimizer step
   c.plot_samples = 16
+
+  if arg == "tiny":
+    # The architectures of the goldens' tiny VAR / VQVAE (written out here; configs never read goldens).
+    c.model.update(embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10,
+                   vae=dict(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4),   # 64x64 images
+                   data=dict(source="synthetic", num=64, resolution=64),
+                   metric="nll", eval_batch=8)
+    c.sharding_rules = ((".*", "replicate"),)
+    c.init = dict(kind="random", checkpoint="")
+    c.rounds = dict(num=2, images=2 * 4, batch_size=4)
+    c.sampling = dict(batch_size=4)
+    c.optim.update(lr=1e-3, accumulate=1, warmup_steps=1, total_steps=4)
+    c.selection = dict(params="params", metric="nll", choose="best", eval_every=2)
+    c.checkpoint = dict(every=2, async_save=False)
+    c.log_every = 1
+    c.plot_samples = 4
   return c

@@ -19,6 +19,7 @@ REGISTRY = {
     "toy_grid": "ddo_jax.families.toy_grid:ToyGrid",
     "edm": "ddo_jax.families.edm:EDM",
     "edm2": "ddo_jax.families.edm2:EDM2",
+    "var": "ddo_jax.families.var:VAR",
 }
 
 

@@ -1,0 +1,280 @@
+"""VAR family (Tian et al. 2024): next-scale prediction over the token maps of VAR's multi-scale VQVAE.
+
+Likelihood (METHOD.md §3.1): an image is tokenized by the frozen VQVAE (`img_to_idx`, then
+`idx_to_var_input` for teacher forcing) and log p(x | class) is the exact sum over all L tokens of the
+VAR's log-softmax (`nets.var.seq_logp`). gap = seq_logp(theta) - stop_gradient(seq_logp(ref)) on the same
+tokens and labels. Tokenization runs inside the jitted step, on pixels in [-1, 1], for reals and fakes.
+
+Label dropout (METHOD.md §3.2): one Bernoulli(model.uncond_ratio) per (real i, fake i) pair; a dropped pair
+uses the null class (`num_classes`) for both, and the row weights are `objective.var_weights` (real
+max(alpha, 1), fake 0 on dropped pairs; 1, alpha otherwise; normalizer max(alpha, 1)). The mask is drawn by
+`sample` from each negative's own key and travels with the fake batch as batch['fake']['uncond'], so
+`log_ratio` and `ddo_weights` read the same mask (ddo_weights gets no key) and a resumed run redraws it
+identically.
+
+Negatives (METHOD.md §3.3): the reference's guidance-free samples (VAR convention, cfg 0, no top-k / top-p)
+decoded to pixels, x = 2 image - 1, and re-encoded by `log_ratio` (the pixel round trip). DEVIATION: the
+driver's online sampler passes only sample ids, not the real batch, so a negative's class is drawn uniformly
+from its key instead of being the class of its paired real image (an unbiased but noisier estimate of the
+same objective when the data's classes are balanced); matching upstream needs rounds.py to pass the real
+labels to `sample`.
+
+The VQVAE is frozen and held by the family (not in the trained parameters): converted from
+model.vae_checkpoint (`launch.convert vqvae`), or, for the `tiny` config, initialized from a fixed seed with
+the architecture of model.vae. Its parameters enter the jitted programs as constants.
+
+Selection metric: 'nll' (mean negative log-likelihood per token of a fixed held-out batch of real data,
+conditional; cheap, for tests). FID ('fid_cfg*') is not wired up yet: it is refused at start.
+"""
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddo_jax import cli, objective
+from ddo_jax.families.base import Family
+from ddo_jax.nets import var as var_net
+from ddo_jax.nets import var_vqvae
+from ddo_jax.sampling import var_sample
+from ddo_jax.utils import log
+
+VAE_SEED = 20240517   # the fixed seed of a randomly initialized (tiny) VQVAE
+VAE_FIX = "convert vae_ch160v4096z32.pth with `python -m launch.convert vqvae` and pass its --out"
+
+
+def _get(c, key, default=None):
+  try:
+    v = c.get(key, default)
+  except AttributeError:
+    v = getattr(c, key, default)
+  return default if v is None else v
+
+
+class VAR(Family):
+  """The family object; `config` is the run config's `model` block (configs/var_imagenet256.py)."""
+  name = "var"
+  metric_mode = "min"
+
+  def __init__(self, config):
+    super().__init__(config)
+    self._source = self._val_fn = None
+    self.num_classes = int(config.num_classes)
+    self.uncond_ratio = float(config.uncond_ratio)
+    if not 0.0 <= self.uncond_ratio <= 1.0:
+      raise cli.ConfigError(f"model.uncond_ratio={self.uncond_ratio} is not a probability",
+                            "config.model.uncond_ratio", "use a value in [0, 1] (DDO: 0.5)")
+    metric = str(config.metric)
+    if metric != "nll":
+      raise cli.ConfigError(f"model.metric={metric!r}: VAR FID selection is not wired up yet", "config.model.metric",
+                            "use --config.model.metric=nll --config.selection.metric=nll")
+    patch_nums = tuple(int(p) for p in config.patch_nums)
+    self.vae, self.vae_params = self._load_vae(config, patch_nums)
+    depth = int(config.depth)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(_get(config, "compute_dtype", "float32")))
+    if dtype is None:
+      raise cli.ConfigError(f"model.compute_dtype={config.compute_dtype!r} is not supported",
+                            "config.model.compute_dtype", "use 'float32' or 'bfloat16'")
+    self.net_config = dict(
+        vocab_size=int(self.vae.vocab_size), cvae=int(self.vae.z_channels), depth=depth,
+        embed_dim=int(_get(config, "embed_dim", 64 * depth)), num_heads=int(_get(config, "num_heads", depth)),
+        num_classes=self.num_classes, patch_nums=list(patch_nums), mlp_ratio=4.0, norm_eps=1e-6,
+        attn_l2_norm=True, shared_aln=False)
+    self.net = var_net.build_var(dict(self.net_config, dtype=dtype))
+    self.image_size = int(self.vae.img_size)
+    neg = config.negatives
+    self.neg = dict(cfg=float(neg.cfg), top_k=int(neg.top_k), top_p=float(neg.top_p),
+                    more_smooth=bool(neg.more_smooth))
+    d = config.data
+    if _get(d, "source") == "synthetic" and int(_get(d, "resolution", self.image_size)) != self.image_size:
+      raise cli.ConfigError(f"model.data.resolution={d.resolution} but the VQVAE makes {self.image_size}px images",
+                            "config.model.data.resolution", f"use {self.image_size}")
+
+  @staticmethod
+  def _load_vae(config, patch_nums):
+    path = str(_get(config, "vae_checkpoint", ""))
+    if path:
+      from ddo_jax.convert import vqvae as vqvae_convert  # pylint: disable=import-outside-toplevel
+      if not pathlib.Path(path).is_dir():
+        raise cli.ConfigError(f"no converted VQVAE at {path}", "config.model.vae_checkpoint", VAE_FIX)
+      vae, variables = vqvae_convert.load_converted(path)
+      if tuple(int(p) for p in vae.patch_nums) != patch_nums:
+        raise cli.ConfigError(f"the VQVAE in {path} has patch_nums {tuple(vae.patch_nums)}, the config "
+                              f"{patch_nums}", "config.model.vae_checkpoint",
+                              "convert it again with --patch_nums matching config.model.patch_nums")
+      return vae, jax.tree_util.tree_map(jnp.asarray, variables)
+    arch = _get(config, "vae")
+    if not arch:
+      raise cli.ConfigError("model.vae_checkpoint is empty", "config.model.vae_checkpoint", VAE_FIX)
+    vae = var_vqvae.VQVAE(vocab_size=int(arch.vocab_size), z_channels=int(arch.z_channels), ch=int(arch.ch),
+                          share_quant_resi=int(arch.share_quant_resi), patch_nums=patch_nums)
+    log.warning("the VQVAE is RANDOMLY INITIALISED (seed %d; model.vae_checkpoint empty): smoke runs only", VAE_SEED)
+    return vae, random_vae_params(vae, VAE_SEED)
+
+  # --- pure functions -------------------------------------------------------------------------------
+  def init_params(self, rng):
+    b = 1
+    x = jnp.zeros((b, var_net.seq_len(self.net.patch_nums) - self.net.patch_nums[0] ** 2, self.net.cvae))
+    return {"params": self.net.init(rng, jnp.zeros((b,), jnp.int32), x)["params"]}
+
+  def tokenize(self, x):
+    """Pixels [B, H, W, 3] in [-1, 1] -> (tokens [B, L] int32, teacher-forcing input [B, L - pn0^2, Cvae])."""
+    idx = var_vqvae.img_to_idx(self.vae, self.vae_params, jnp.asarray(x, jnp.float32))
+    x_in = var_vqvae.idx_to_var_input(self.vae, self.vae_params, idx)
+    return jnp.concatenate(idx, axis=1), x_in
+
+  def seq_logp(self, params, labels, tokens, x_in):
+    return var_net.seq_logp(self.net.apply(params, labels, x_in), tokens)
+
+  @staticmethod
+  def _class(label):
+    label = jnp.asarray(label)
+    return jnp.argmax(label, -1).astype(jnp.int32) if label.ndim == 2 else label.astype(jnp.int32)
+
+  def pair_labels(self, batch):
+    """(labels_real, labels_fake) int32 [B] with the null class on the pairs of batch['fake']['uncond']."""
+    mask = jnp.asarray(batch["fake"]["uncond"], bool)
+    null = jnp.int32(self.num_classes)
+    return (jnp.where(mask, null, self._class(batch["real"]["label"])),
+            jnp.where(mask, null, self._class(batch["fake"]["label"])))
+
+  def log_ratio(self, params, ref_params, batch, rng):
+    del rng   # the mask comes with the fakes; tokenization and the likelihood are deterministic
+    lr, lf = self.pair_labels(batch)
+    n = lr.shape[0]
+    x = jnp.concatenate([jnp.asarray(batch["real"]["x"], jnp.float32), jnp.asarray(batch["fake"]["x"], jnp.float32)])
+    tokens, x_in = jax.lax.stop_gradient(self.tokenize(x))
+    labels = jnp.concatenate([lr, lf])
+    gap = self.seq_logp(params, labels, tokens, x_in) - jax.lax.stop_gradient(
+        self.seq_logp(ref_params, labels, tokens, x_in))
+    return gap[:n], gap[n:]
+
+  def ddo_weights(self, batch, alpha):
+    return objective.var_weights(alpha, batch["fake"]["uncond"])
+
+  def sample(self, params, keys, seeds):
+    """Guidance-free reference samples {'x' [B, H, W, 3] in [-1, 1], 'label' int32, 'uncond' bool}: per key a
+    uniform class, the pair's label-dropout draw, and one VAR sample."""
+    del seeds
+    labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.num_classes,
+                                                   dtype=jnp.int32))(keys)
+    uncond = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), self.uncond_ratio))(keys)
+
+    def one(k, label):
+      out = var_sample.autoregressive_infer_cfg(self.net, params, self.vae, self.vae_params, var_vqvae,
+                                                label[None], jax.random.fold_in(k, 3), guidance="var",
+                                                **self.neg)
+      return out["image"][0]
+
+    image = jax.vmap(one)(keys, labels)
+    return {"x": image * 2.0 - 1.0, "label": labels, "uncond": uncond}
+
+  # --- host side ------------------------------------------------------------------------------------
+  def real_source(self, seed: int):
+    """Training examples {'x': [B, H, W, 3] in [-1, 1], 'label': int32 [B]}."""
+    if self._source is None:
+      d = self.config.data
+      if _get(d, "source") == "synthetic":
+        from ddo_jax.data import cifar10  # pylint: disable=import-outside-toplevel
+        if self.num_classes != cifar10.NUM_CLASSES:
+          raise cli.ConfigError("synthetic VAR data has 10 classes", "config.model.num_classes", "use 10")
+        src, n = cifar10.load_synthetic(int(_get(d, "num", 64)), self.image_size)
+
+        def source(indices):
+          out = dict(src(indices))
+          label = np.asarray(out["label"])
+          out["label"] = (np.argmax(label, -1) if label.ndim == 2 else label).astype(np.int32)
+          return out
+
+        self._source = (source, n)
+        log.warning("VAR training data is SYNTHETIC (%d class-coloured discs %dx%d), not ImageNet", n,
+                    self.image_size, self.image_size)
+      else:
+        from ddo_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+        self._source = imagenet.load(d, seed, self.num_classes)
+    return self._source
+
+  def ground_truth(self, seed: int, num: int):
+    source, n = self.real_source(seed)
+    idx = np.sort(np.random.default_rng([seed, 4]).choice(n, size=min(num, n), replace=False))
+    return np.asarray(source(idx)["x"])
+
+  def evaluate(self, params, sample: Callable, seed: int) -> dict:
+    """'nll': mean negative log-likelihood per token (nats) of a fixed held-out batch of real images with
+    their classes."""
+    del sample
+    source, n = self.real_source(seed)
+    idx = np.sort(np.random.default_rng([seed, 9]).permutation(n)[:min(n, int(_get(self.config, "eval_batch", 16)))])
+    batch = source(idx)
+    if self._val_fn is None:
+      big_l = var_net.seq_len(self.net.patch_nums)
+
+      def nll(p, x, labels):
+        tokens, x_in = self.tokenize(x)
+        return -jnp.mean(self.seq_logp(p, labels, tokens, x_in)) / big_l
+
+      self._val_fn = jax.jit(nll)
+    return {"nll": float(self._val_fn(params, jnp.asarray(batch["x"]), jnp.asarray(batch["label"], jnp.int32)))}
+
+  def plot_samples(self, ax, x, title):
+    from ddo_jax.families.edm import EDM  # pylint: disable=import-outside-toplevel
+    EDM.plot_samples(self, ax, x, title)
+
+  def model_json(self) -> dict:
+    return {"family": "var", "net": self.net_config, "vae": var_vqvae_kwargs(self.vae),
+            "vae_checkpoint": str(_get(self.config, "vae_checkpoint", ""))}
+
+  def check_converted(self, model_json_path) -> None:
+    path = pathlib.Path(model_json_path)
+    if not path.exists():
+      return
+    meta = json.loads(path.read_text())
+    if meta.get("family") != "var":
+      raise cli.UserError(f"{path} describes a {meta.get('family', 'edm')!r} checkpoint, not a VAR one",
+                          "config.init.checkpoint", "give a folder written by `python -m launch.convert var`")
+    net = meta.get("net", {})
+    mine = {k: self.net_config[k] for k in ("vocab_size", "cvae", "depth", "embed_dim", "num_heads", "num_classes",
+                                           "patch_nums")}
+    theirs = {k: (list(net[k]) if k == "patch_nums" else net[k]) for k in mine if k in net}
+    diff = [f"{k}: config {mine[k]!r} vs checkpoint {theirs.get(k)!r}" for k in mine if theirs.get(k) != mine[k]]
+    if diff:
+      raise cli.UserError(f"the VAR in {path.parent} differs from the config ({'; '.join(diff)})",
+                          "config.init.checkpoint", "set config.model.depth / patch_nums to the checkpoint's")
+
+
+def random_vae_params(vae, seed: int) -> dict:
+  """{'params': tree} of `vae` drawn on the host with numpy from `seed`, in the distributions of
+  `var_vqvae.init_params` (torch's defaults: conv weight and bias U(+-1/sqrt(fan_in)), GroupNorm 1 and 0,
+  codebook N(0, 1)) without tracing the network (init_params runs a whole forward: ~20 s on CPU)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(node):
+    out = {}
+    fan_in = int(np.prod(node["kernel"].shape[:-1])) if "kernel" in node else None
+    for k in sorted(node):
+      a = node[k]
+      if isinstance(a, dict):
+        out[k] = fill(a)
+      elif k == "embedding":
+        out[k] = rng.standard_normal(a.shape).astype(np.float32)
+      elif k == "scale":
+        out[k] = np.ones(a.shape, np.float32)
+      elif fan_in is None:   # a GroupNorm bias
+        out[k] = np.zeros(a.shape, np.float32)
+      else:
+        bound = 1.0 / np.sqrt(fan_in)
+        out[k] = rng.uniform(-bound, bound, a.shape).astype(np.float32)
+    return out
+
+  abstract = jax.tree_util.tree_map(lambda a: a, var_vqvae.abstract_params(vae))
+  return {"params": jax.tree_util.tree_map(jnp.asarray, fill(abstract))}
+
+
+def var_vqvae_kwargs(vae) -> dict:
+  return dict(vocab_size=int(vae.vocab_size), z_channels=int(vae.z_channels), ch=int(vae.ch),
+              share_quant_resi=int(vae.share_quant_resi), patch_nums=[int(p) for p in vae.patch_nums])
+
+
+__all__ = ["VAR"]

@@ -1,0 +1,145 @@
+"""VAR family: the gaps are exact sequence log-likelihood differences of the tokenized pixels (checked against
+the nets by hand, with label dropout to the null class), zero at the reference; the row weights follow the
+same mask; guidance-free negatives are per-key deterministic; one sharded DDO step runs."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import var_imagenet256
+from ddo_jax import objective, parallel
+from ddo_jax.families import var as var_family
+from ddo_jax.nets import var as var_net
+from ddo_jax.nets import var_vqvae
+from ddo_jax.train import optim, step as step_lib
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+_SAMPLED = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  config = var_imagenet256.get_config("tiny")
+  family = var_family.VAR(config.model)
+  ref = family.init_params(jax.random.key(0))
+  # theta: the reference moved by a small random perturbation (so gaps are nonzero)
+  leaves, tdef = jax.tree_util.tree_flatten(ref)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  theta = jax.tree_util.tree_unflatten(
+      tdef, [l + 0.05 * jnp.std(l) * jax.random.normal(k, l.shape) + 1e-3 * jax.random.normal(k, l.shape)
+             for l, k in zip(leaves, keys)])
+  source, _ = family.real_source(0)
+  real = source(np.arange(4))
+  fake = jax.jit(family.sample)(ref, jax.random.split(jax.random.key(2), 4), jnp.arange(4))
+  fake = {k: np.asarray(v) for k, v in fake.items()}
+  _SAMPLED.update(fake)
+  fake["uncond"] = np.array([False, True, False, True])   # both kinds of pair, as the goldens' mask
+  return config, family, ref, theta, {"real": real, "fake": fake}
+
+
+def _by_hand(family, params, x, labels):
+  """seq_logp of the pixels x under params, straight from the nets (its own jitted program)."""
+  return np.asarray(_hand_fn(family)(params, jnp.asarray(x), jnp.asarray(labels, jnp.int32)), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _hand_fn(family):
+  return jax.jit(functools.partial(_hand, family))
+
+
+def _hand(family, params, x, labels):
+  idx = var_vqvae.img_to_idx(family.vae, family.vae_params, jnp.asarray(x))
+  x_in = var_vqvae.idx_to_var_input(family.vae, family.vae_params, idx)
+  logits = family.net.apply(params, jnp.asarray(labels, jnp.int32), x_in)
+  return var_net.seq_logp(logits, jnp.concatenate(idx, axis=1))
+
+
+def test_gaps_are_seq_logp_differences_with_null_class_on_dropped_pairs():
+  _, family, ref, theta, batch = _setup()
+  gr, gf = jax.jit(family.log_ratio)(theta, ref, batch, jax.random.key(5))
+  mask = batch["fake"]["uncond"]
+  lr = np.where(mask, 10, batch["real"]["label"])
+  lf = np.where(mask, 10, batch["fake"]["label"])
+  want_r = _by_hand(family, theta, batch["real"]["x"], lr) - _by_hand(family, ref, batch["real"]["x"], lr)
+  want_f = _by_hand(family, theta, batch["fake"]["x"], lf) - _by_hand(family, ref, batch["fake"]["x"], lf)
+  # The same float32 computation in another program: the sum over L = 30 tokens of log-probabilities of
+  # size ~4 (|seq_logp| ~ 125) rounds at ~1e-5, so the tolerance is 1e-6 of that sum.
+  scale = np.max(np.abs(_by_hand(family, ref, batch["real"]["x"], lr)))
+  print("max |gap - by hand|", np.max(np.abs(np.asarray(gr) - want_r)), np.max(np.abs(np.asarray(gf) - want_f)),
+        "tolerance", 1e-6 * scale)
+  np.testing.assert_allclose(np.asarray(gr), want_r, rtol=0, atol=1e-6 * scale)
+  np.testing.assert_allclose(np.asarray(gf), want_f, rtol=0, atol=1e-6 * scale)
+  assert np.min(np.abs(want_r)) > 1e-3 and np.min(np.abs(want_f)) > 1e-3   # the perturbation is visible
+  # Without the null class the dropped rows would differ: the mask is applied.
+  plain = _by_hand(family, theta, batch["real"]["x"], batch["real"]["label"])
+  assert np.all(np.abs(plain[mask] - _by_hand(family, theta, batch["real"]["x"], lr)[mask]) > 1e-3)
+
+
+def test_gaps_are_zero_at_the_reference_and_weights_follow_the_mask():
+  config, family, ref, _, batch = _setup()
+  gr, gf = jax.jit(family.log_ratio)(ref, ref, batch, jax.random.key(5))
+  np.testing.assert_array_equal(np.asarray(gr), 0.0)
+  np.testing.assert_array_equal(np.asarray(gf), 0.0)
+  alpha = config.ddo.alpha
+  w_real, w_fake, norm = family.ddo_weights(batch, alpha)
+  np.testing.assert_array_equal(np.asarray(w_real), [1.0, alpha, 1.0, alpha])
+  np.testing.assert_array_equal(np.asarray(w_fake), [alpha, 0.0, alpha, 0.0])
+  assert norm == alpha
+  loss, _ = objective.ddo_loss(gr, gf, alpha=alpha, beta=config.ddo.beta, weight_real=w_real, weight_fake=w_fake,
+                               normalizer=norm)
+  # at theta = ref every term is log 2: (2 (1 + alpha) + 2 alpha) log 2 / (4 alpha)
+  np.testing.assert_allclose(float(loss), (2 * (1 + alpha) + 2 * alpha) * np.log(2) / (4 * alpha), rtol=1e-6)
+
+
+def test_negatives_are_guidance_free_pixels_deterministic_per_key():
+  _, family, ref, _, _ = _setup()
+  keys = jax.random.split(jax.random.key(2), 4)
+  out = _SAMPLED   # family.sample(ref, keys, arange(4)), drawn by _setup
+  x = np.asarray(out["x"])
+  assert x.shape == (4, 64, 64, 3) and x.min() >= -1.0 and x.max() <= 1.0
+  assert out["label"].dtype == jnp.int32 and np.all((np.asarray(out["label"]) >= 0) & (np.asarray(out["label"]) < 10))
+  assert out["uncond"].dtype == jnp.bool_
+  half = jax.jit(family.sample)(ref, keys[:2], jnp.arange(2))   # a sample depends on its key only
+  # the same tokens; the decoder's float32 convolutions round differently at batch 2 and 4 (measured 1.6e-5)
+  np.testing.assert_allclose(np.asarray(half["x"]), x[:2], rtol=0, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(half["label"]), np.asarray(out["label"])[:2])
+  # the label-dropout draw is Bernoulli(uncond_ratio = 0.5) per key
+  many = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), family.uncond_ratio))(
+      jax.random.split(jax.random.key(8), 2000))
+  assert 0.45 < float(jnp.mean(many)) < 0.55
+
+
+def test_one_sharded_ddo_step_moves_theta():
+  config, family, ref, _, batch = _setup()
+  mesh = parallel.make_mesh(-1, 1, devices=jax.devices()[:4])   # batch 4, one row per device
+  tx = optim.make_optimizer(config.optim)
+  init = functools.partial(step_lib.init_state, tx=tx, ema_specs={})
+  shapes = jax.eval_shape(init, ref, jax.random.key(0))
+  shardings = parallel.param_shardings(shapes, mesh, [(".*", "replicate")])
+  ref_shardings = parallel.param_shardings(jax.eval_shape(lambda: ref), mesh, [(".*", "replicate")])
+  state = jax.jit(init, out_shardings=shardings)(ref, jax.random.key(1))
+  step = step_lib.make_ddo_step(family, tx, {}, alpha=config.ddo.alpha, beta=config.ddo.beta, batch_size=4,
+                                mesh=mesh, shardings=shardings, ref_shardings=ref_shardings,
+                                schedule=optim.make_schedule(config.optim))
+  state, metrics = step(state, ref, parallel.global_batch(batch, mesh))
+  alpha = config.ddo.alpha
+  np.testing.assert_allclose(float(metrics["loss"]), (2 * (1 + alpha) + 2 * alpha) * np.log(2) / (4 * alpha),
+                             rtol=1e-6)
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state["params"], ref)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_wrong_family_checkpoint_and_fid_metric_are_refused(tmp_path):
+  from ddo_jax import cli
+  _, family, *_ = _setup()
+  (tmp_path / "model.json").write_text('{"family": "edm2", "net": {}}')
+  with pytest.raises(cli.UserError, match="'edm2' checkpoint, not a VAR one"):
+    family.check_converted(tmp_path / "model.json")
+  config = var_imagenet256.get_config("tiny")
+  config.model.metric = "fid_cfg1.0"
+  with pytest.raises(cli.UserError, match="not wired up yet"):
+    var_family.VAR(config.model)
