@@ -143,3 +143,47 @@ def test_wrong_family_checkpoint_and_fid_metric_are_refused(tmp_path):
   config.model.metric = "fid_cfg1.0"
   with pytest.raises(cli.UserError, match="not wired up yet"):
     var_family.VAR(config.model)
+
+
+def test_family_loss_and_gradients_match_goldens_ddo_var_loss():
+  """The family's pieces (pair_labels with the mask, token_gaps, ddo_weights) on the goldens' tokens give
+  upstream's DDO VAR loss, gaps and every gradient (ddo/var_loss); the tiny config's VAR is the goldens'."""
+  from ddo_jax.convert import var_names
+  from tests.goldens import load_json, load_npz
+  config, family, *_ = _setup()
+  state = load_npz("var", "var", "state.npz")
+  cfg = var_names.config_from_shapes({k: v.shape for k, v in state.items()}, state["lvl_1L"])
+  for k in ("vocab_size", "cvae", "depth", "embed_dim", "num_heads", "num_classes", "patch_nums"):
+    assert family.net_config[k] == cfg[k], k
+  h = load_json("ddo", "var_loss", "config.json")["hyper"]
+  io = load_npz("ddo", "var_loss", "io.npz")
+  ref = var_names.torch_to_flax(state, cfg)
+  theta = var_names.torch_to_flax(load_npz("ddo", "var_loss", "target_state.npz"), cfg)
+  want_grads = load_npz("ddo", "var_loss", "grads.npz")
+  batch = {"real": {"label": io["y"]}, "fake": {"label": io["y"], "uncond": io["uncond_mask"]}}
+  n = len(io["y"])
+
+  def loss_fn(theta, ref):
+    lr, lf = family.pair_labels(batch)
+    tokens = jnp.concatenate([io["gt_idx_real"], io["gt_idx_fake"]])
+    x_in = jnp.concatenate([io["x_BLCv_real"], io["x_BLCv_fake"]])
+    gap = family.token_gaps(theta, ref, tokens, x_in, jnp.concatenate([lr, lf]))
+    w_real, w_fake, norm = family.ddo_weights(batch, h["alpha"])
+    loss, _ = objective.ddo_loss(gap[:n], gap[n:], alpha=h["alpha"], beta=h["beta"], weight_real=w_real,
+                                 weight_fake=w_fake, normalizer=norm)
+    return loss, gap
+
+  (loss, gap), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(theta, ref)
+  # Tolerances as tests/test_var_net.py argues them: 4e-6 of the largest |logp| for the gaps (a difference
+  # of 30-term float32 sums of ~170), the loss error bounded through the slope of the loss in the gaps.
+  gap_tol = 4e-6 * float(np.abs(np.concatenate([io[k] for k in ("logp_theta_real", "logp_ref_real",
+                                                                 "logp_theta_fake", "logp_ref_fake")])).max())
+  gap_err = float(np.abs(np.asarray(gap) - np.concatenate([io["gap_real"], io["gap_fake"]])).max())
+  loss_tol = (h["beta"] * (io["w_real"].max() + io["w_fake"].max()) / max(h["alpha"], 1) * gap_tol
+              + 4 * np.spacing(np.float32(io["loss"])))
+  loss_err = abs(float(loss) - float(io["loss"]))
+  got = var_names.flax_to_torch(grads, cfg)
+  rel = max(float(np.abs(got[k] - w).max()) / float(np.abs(w).max()) for k, w in want_grads.items())
+  print(f"family DDO-VAR: gaps err {gap_err:.2e} (tol {gap_tol:.2e}), loss err {loss_err:.2e} (tol {loss_tol:.2e}), "
+        f"gradients worst relative err {rel:.2e} (tol 1e-4)")
+  assert gap_err <= gap_tol and loss_err <= loss_tol and rel <= 1e-4

@@ -146,10 +146,14 @@ class VAR(Family):
     n = lr.shape[0]
     x = jnp.concatenate([jnp.asarray(batch["real"]["x"], jnp.float32), jnp.asarray(batch["fake"]["x"], jnp.float32)])
     tokens, x_in = jax.lax.stop_gradient(self.tokenize(x))
-    labels = jnp.concatenate([lr, lf])
-    gap = self.seq_logp(params, labels, tokens, x_in) - jax.lax.stop_gradient(
-        self.seq_logp(ref_params, labels, tokens, x_in))
+    gap = self.token_gaps(params, ref_params, tokens, x_in, jnp.concatenate([lr, lf]))
     return gap[:n], gap[n:]
+
+  def token_gaps(self, params, ref_params, tokens, x_in, labels):
+    """seq_logp(theta) - stop_gradient(seq_logp(ref)) [N] of token sequences [N, L] with their teacher-forcing
+    input [N, L - pn0^2, Cvae] and labels [N] (the null class already applied)."""
+    return self.seq_logp(params, labels, tokens, x_in) - jax.lax.stop_gradient(
+        self.seq_logp(ref_params, labels, tokens, x_in))
 
   def ddo_weights(self, batch, alpha):
     return objective.var_weights(alpha, batch["fake"]["uncond"])
