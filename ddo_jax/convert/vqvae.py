@@ -44,7 +44,6 @@ import pathlib
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
-from flax import traverse_util
 import numpy as np
 
 from ddo_jax import cli, tree_io
@@ -174,10 +173,20 @@ class Entry(NamedTuple):
   flax_path: Tuple[str, ...]
 
 
+def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
 @functools.lru_cache(maxsize=8)
 def abstract_shapes(vae: VQVAE) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """{flax path: shape} of the VQVAE's parameters (jax.eval_shape)."""
-  return {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(var_vqvae.abstract_params(vae)).items()}
+  return {p: tuple(s.shape) for p, s in _flatten(var_vqvae.abstract_params(vae)).items()}
 
 
 def num_parameters(vae: VQVAE) -> int:
@@ -299,7 +308,7 @@ def vqvae_params_to_torch(params: Mapping[str, Any], vae: VQVAE,
                           dtype: Optional[Any] = np.float32) -> "collections.OrderedDict[str, np.ndarray]":
   """The VQVAE state_dict (numpy, `state_dict()` order) of `{'params': tree}` (or the bare tree), with
   `quantize.ema_vocab_hit_SV` as zeros [len(patch_nums), V] so that upstream's strict load accepts it."""
-  flat = traverse_util.flatten_dict(dict(params["params"] if "params" in params else params))
+  flat = _flatten(dict(params["params"] if "params" in params else params))
   entries = _entries(vae)
   wanted = {e.flax_path for e in entries}
   missing = sorted("/".join(p) for p in wanted - set(flat))
