@@ -113,6 +113,20 @@ def test_negatives_are_guidance_free_pixels_deterministic_per_key():
   assert 0.45 < float(jnp.mean(many)) < 0.55
 
 
+def test_online_negatives_take_the_classes_of_their_real_rows():
+  """sample_paired (the driver's online negatives): fake i is sampled with real i's class (upstream's
+  protocol); given the classes `sample` drew for the same keys it draws the same images and dropout mask."""
+  _, family, ref, _, _ = _setup()
+  keys = jax.random.split(jax.random.key(2), 4)
+  paired = jax.jit(family.sample_paired)(ref, keys, jnp.arange(4), {"label": jnp.asarray(_SAMPLED["label"])})
+  np.testing.assert_array_equal(np.asarray(paired["label"]), _SAMPLED["label"])
+  np.testing.assert_array_equal(np.asarray(paired["uncond"]), _SAMPLED["uncond"])
+  np.testing.assert_allclose(np.asarray(paired["x"]), _SAMPLED["x"], rtol=0, atol=1e-4)
+  one_hot = jax.nn.one_hot(jnp.array([3, 3, 7, 0]), 10)   # the data's one-hot labels are accepted too
+  other = jax.jit(family.sample_paired)(ref, keys, jnp.arange(4), {"label": one_hot})
+  np.testing.assert_array_equal(np.asarray(other["label"]), [3, 3, 7, 0])
+
+
 def test_one_sharded_ddo_step_moves_theta():
   config, family, ref, _, batch = _setup()
   mesh = parallel.make_mesh(-1, 1, devices=jax.devices()[:4])   # batch 4, one row per device

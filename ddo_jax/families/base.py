@@ -12,6 +12,9 @@ Pure functions, traced inside `jax.jit` by the train step and the samplers (no h
   ddo_weights(batch, alpha)                          optional row weights (VAR's label dropout):
       -> None | (w_real, w_fake, normalizer)         None = the plain mean (default)
   sample(params, keys [B], seeds [B]) -> dict        one sample per key ({'x': ..., optional 'label'})
+  sample_paired(params, keys, seeds, real) -> dict   online negatives for a real batch (real =
+                                                     batch['real'], row i pairs with key i); default
+                                                     `sample` (VAR: the fakes take the real rows' classes)
   project_params(params) -> params                   applied after every optimizer update (EDM2's forced
                                                      weight normalization); default identity
   pretrain_loss(params, batch, rng) -> scalar        maximum-likelihood loss (toy families pretrain with it);
@@ -134,6 +137,12 @@ class Family(abc.ABC):
   @abc.abstractmethod
   def sample(self, params, keys: jax.Array, seeds: jax.Array) -> dict:
     """One sample per key: a dict of [B, ...] arrays with at least 'x'."""
+
+  def sample_paired(self, params, keys: jax.Array, seeds: jax.Array, real: dict) -> dict:
+    """Online negatives for the real batch `real` (row i of the fakes pairs with row i of the reals), as
+    the driver draws them inside the loop. Default: `sample`, which ignores the reals."""
+    del real
+    return self.sample(params, keys, seeds)
 
   def project_params(self, params) -> Any:
     """Applied to the parameters after every optimizer update (e.g. forced weight normalization)."""

@@ -13,11 +13,9 @@ max(alpha, 1), fake 0 on dropped pairs; 1, alpha otherwise; normalizer max(alpha
 identically.
 
 Negatives (METHOD.md §3.3): the reference's guidance-free samples (VAR convention, cfg 0, no top-k / top-p)
-decoded to pixels, x = 2 image - 1, and re-encoded by `log_ratio` (the pixel round trip). DEVIATION: the
-driver's online sampler passes only sample ids, not the real batch, so a negative's class is drawn uniformly
-from its key instead of being the class of its paired real image (an unbiased but noisier estimate of the
-same objective when the data's classes are balanced); matching upstream needs rounds.py to pass the real
-labels to `sample`.
+decoded to pixels, x = 2 image - 1, and re-encoded by `log_ratio` (the pixel round trip). Online
+(`sample_paired`, upstream's protocol) fake i is sampled with the class of real i; offline negatives
+(`sample`, drawn before the round without the real batch) take a uniform class from their key.
 
 The VQVAE is frozen and held by the family (not in the trained parameters): converted from
 model.vae_checkpoint (`launch.convert vqvae`), or, for the `tiny` config, initialized from a fixed seed with
@@ -160,10 +158,18 @@ class VAR(Family):
 
   def sample(self, params, keys, seeds):
     """Guidance-free reference samples {'x' [B, H, W, 3] in [-1, 1], 'label' int32, 'uncond' bool}: per key a
-    uniform class, the pair's label-dropout draw, and one VAR sample."""
+    uniform class, the pair's label-dropout draw, and one VAR sample (offline negatives)."""
     del seeds
     labels = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.num_classes,
                                                    dtype=jnp.int32))(keys)
+    return self._negatives(params, keys, labels)
+
+  def sample_paired(self, params, keys, seeds, real):
+    """Online negatives as upstream draws them: fake i has the class of real i (METHOD.md §3.3)."""
+    del seeds
+    return self._negatives(params, keys, self._class(real["label"]))
+
+  def _negatives(self, params, keys, labels):
     uncond = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), self.uncond_ratio))(keys)
 
     def one(k, label):

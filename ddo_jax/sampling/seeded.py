@@ -32,3 +32,14 @@ def make_seeded_sampler(sample: Callable, mesh, param_shardings) -> Callable:
     return sample(params, seed_keys(base_key, seeds), seeds)
 
   return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch), out_shardings=batch)
+
+
+def make_paired_sampler(sample_paired: Callable, mesh, param_shardings) -> Callable:
+  """jit of (params, base_key, seeds, real) -> sample_paired(params, seed_keys(base_key, seeds), seeds, real):
+  online negatives paired row by row with a real batch (`real` batch-sharded, as the step's batch['real'])."""
+  batch = parallel.batch_sharding(mesh)
+
+  def fn(params, base_key, seeds, real):
+    return sample_paired(params, seed_keys(base_key, seeds), seeds, real)
+
+  return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch)

@@ -120,6 +120,7 @@ class Driver:
         batch_size=self.batch_size, mesh=self.mesh, shardings=self.state_shardings,
         ref_shardings=self.param_shardings, schedule=self.schedule, impl=config.get("step_impl", "jit"))
     self.sample_fn = seeded.make_seeded_sampler(self.family.sample, self.mesh, self.param_shardings)
+    self.paired_sample_fn = seeded.make_paired_sampler(self.family.sample_paired, self.mesh, self.param_shardings)
     self.real, self.num_real = self.family.real_source(config.seed)
     self.timings = {}
     self.lockstep = parallel.cpu_lockstep()   # several CPU devices: one step in flight at a time
@@ -321,9 +322,9 @@ class Driver:
       batch = data.next()
       if cfg.negatives.mode == "online":
         ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size, dtype=np.int32)
-        fake = self.sample_fn(ref, online_base, jax.device_put(ids, parallel.batch_sharding(self.mesh)))
         batch = parallel.global_batch(batch, self.mesh)
-        batch["fake"] = fake
+        batch["fake"] = self.paired_sample_fn(ref, online_base, jax.device_put(ids, parallel.batch_sharding(self.mesh)),
+                                              batch["real"])
       else:
         batch = parallel.global_batch(batch, self.mesh)
       state, metrics = self.step_fn(state, ref, batch)
