@@ -20,7 +20,8 @@ Open questions, stated rather than hidden:
   * Which FID selected the checkpoint (guidance-free or guided) is not stated; both are evaluated and the
     guidance-free one ('fid_cfg1.0') selects. Switch with --config.selection.metric=fid_cfg1.5.
   * CFG convention (METHOD.md §3.3): the cfg values here are DDO's literal `--cfg` values (1.0 "guidance
-    free", 1.5 guided); how they map to VAR's t = cfg * si / 9 ramp is unresolved (model.eval.cfg_convention).
+    free", 1.5 guided); how they map to VAR's t = w * si / 9 ramp is unresolved; here w = cfg - 1
+    (cfg_convention 'one_plus_w'; 'var' gives public VAR's w = cfg) for negatives and evaluation alike.
   * Upstream stops a round after ~101k real images (791 micro-steps for d16 = 98 optimizer steps + 7 micro-
     steps whose gradients are never applied); here a round is exactly 98 optimizer steps (100,352 images).
   * Upstream trains in fp16 autocast with a GradScaler; this port computes in float32 (model.compute_dtype).
@@ -69,13 +70,15 @@ def get_config(arg: str = "d16"):
       vae_checkpoint="",                        # converted vae_ch160v4096z32.pth (launch.convert vqvae)
       uncond_ratio=0.5,                         # train_ddo.sh --uncond_ratio=0.5 (label dropout, METHOD.md §3.2)
       compute_dtype="float32",                  # upstream: fp16 autocast; float32 here for parity (issue 10 §5)
-      negatives=dict(cfg=1.0, top_k=0, top_p=0.0, more_smooth=False),   # guidance-free, same labels (§3.3)
+      # DDO_trainer.py samples negatives with cfg=1.0, which DDO calls guidance-free: read as w = cfg - 1 = 0
+      # (cfg_convention "one_plus_w"; METHOD.md §3.3 recommendation), same labels as the real batch.
+      negatives=dict(cfg=1.0, cfg_convention="one_plus_w", top_k=0, top_p=0.0, more_smooth=False),
       data=dict(source="tfds", split="train", data_dir="", path="",     # ddo_jax/data/imagenet.py
                 resolution=256, resize=288,     # VAR utils/data.py: shorter side round(1.125 * 256), crop 256
                 num_workers=0),                 # 0: min(16, cpu count) decode threads
       metric="fid_cfg1.0",
       eval=dict(cfg=(1.0, 1.5),                 # DDO_trainer.py: FID at cfg 1.0 and 1.5 for every checkpoint
-                cfg_convention="ddo",           # DDO's literal --cfg values (METHOD.md §3.3 warning)
+                cfg_convention="one_plus_w",    # DDO's literal --cfg values: w = cfg - 1 (METHOD.md §3.3 warning)
                 per_class=50,                   # 50 per class = 50k (VAR_sample.py)
                 top_k=0, top_p=0.0,             # VAR_sample.py FID protocol
                 inception="", ref_stats=""),   # VIRTUAL_imagenet256_labeled.npz (OpenAI's reference batch)

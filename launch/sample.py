@@ -6,6 +6,8 @@ EDM2's Heun sampler or DPM-Solver-v3, autoguidance, class balance, the SD-VAE fo
   python -m launch.sample --model ckpt/edm2-img64-s-ddo --seeds 0-49999 --outdir samples/img64
   python -m launch.sample --model ckpt/edm2-img512-l-ddo --vae ckpt/sd-vae-ft-mse --seeds 0-49999 \
       --outdir samples/img512 --guide ckpt/edm2-img512-xs-0134217-0.165 --guidance 1.1 [--sampler dpmv3]
+  python -m launch.sample --model ckpt/var-d16-ddo --vae ckpt/vae-ch160v4096z32 --seeds 0-49999 \
+      --outdir samples/var_d16 --cfg 1.4 --npz
 
 --model is a folder written by `launch.convert edm` / `launch.convert edm2` (params/ + model.json) or a round
 folder of a DDO run (chosen/ + model.json); its model.json names the family (`ddo_jax.families.load_model_dir`).
@@ -18,8 +20,10 @@ family's default:
         --guidance G with --guide DIR (autoguidance by an EDM2 guide net converted with launch.convert edm2),
         --float64 (off for heun, on for dpmv3, as upstream; --nofloat64 turns it off), --S_churn (heun, 0),
         --vae DIR (latent models only, required there: the SD-VAE converted with launch.convert sd-vae).
-  VAR (flags passed through to its family, which does not sample from this tool yet): --cfg, --cfg_convention,
-        --top_k, --top_p, --more_smooth.
+  VAR:  --cfg (1.0) with --cfg_convention one_plus_w (default: w = cfg - 1, so DDO's --cfg 1.0 is guidance-free
+        and 1.4 guided) or var (public VAR: w = cfg), --top_k / --top_p (0 = off: DDO's FID protocol; its --trick
+        is 900 / 0.96), --more_smooth (off), --labels balanced|random (balanced: 50k seeds give 50 per class),
+        --vae DIR (the VQVAE converted with launch.convert vqvae; a DDO round folder defaults to its run's).
 
 Seed s draws its noise (and a random label) from fold_in(jax.random.key(0), s) (`ddo_jax.sampling.seeded`), so an
 image depends only on its seed (and, for position-balanced labels, its position in the seed list), not on the
@@ -67,9 +71,11 @@ _CHURN = flags.DEFINE_float("S_churn", None, "stochasticity of the Heun sampler 
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["heun", "dpmv3"], "EDM2: Heun (default) or DPM-Solver-v3")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "EDM2: autoguidance weight (default 1 = none); needs --guide")
 _GUIDE = flags.DEFINE_string("guide", None, "EDM2: folder of the guide net (launch.convert edm2); needs --guidance")
-_VAE = flags.DEFINE_string("vae", None, "EDM2 latent models: folder of the SD-VAE (launch.convert sd-vae)")
+_VAE = flags.DEFINE_string("vae", None, "EDM2 latent models: the SD-VAE (launch.convert sd-vae); VAR: the VQVAE "
+                            "(launch.convert vqvae)")
 _CFG = flags.DEFINE_float("cfg", None, "VAR only: classifier-free guidance scale")
-_CFG_CONVENTION = flags.DEFINE_string("cfg_convention", None, "VAR only: which classifier-free guidance convention")
+_CFG_CONVENTION = flags.DEFINE_string("cfg_convention", None, "VAR only: one_plus_w (w = cfg - 1, DDO's values; "
+                                       "default) or var (w = cfg, public VAR)")
 _TOP_K = flags.DEFINE_integer("top_k", None, "VAR only: top-k sampling (0 = off)")
 _TOP_P = flags.DEFINE_float("top_p", None, "VAR only: top-p sampling (0 = off)")
 _MORE_SMOOTH = flags.DEFINE_bool("more_smooth", None, "VAR only: Gumbel-softmax smoothing")
@@ -117,7 +123,8 @@ def _check_flags() -> list:
   for flag in (_GUIDE, _VAE):
     if flag.value is not None and not pathlib.Path(flag.value).is_dir():
       raise cli.UserError(f"{flag.value} is not a folder", f"--{flag.name}",
-                          "give a folder written by `python -m launch.convert edm2` (--guide) or `sd-vae` (--vae)")
+                          "give a folder written by `python -m launch.convert edm2` (--guide) or `sd-vae` / `vqvae` "
+                          "(--vae)")
   return seeds
 
 

@@ -95,6 +95,20 @@ def refuse_options(options: Mapping[str, Any], accepted: Iterable[str], what: st
       raise cli.UserError(f"{flag} means nothing for {what}", flag, f"drop it ({what} takes {takes})")
 
 
+def load_replicated(tree_dir, abstract, what: str):
+  """The Orbax tree {'params': <abstract>} at tree_dir, replicated over every device of every process (Orbax
+  reads it on any topology); a tree that does not match is a one-line UserError."""
+  from ddo_jax import parallel, tree_io  # pylint: disable=import-outside-toplevel
+  sharding = parallel.replicated(parallel.make_mesh())
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+  try:
+    return tree_io.load_tree(tree_dir, {"params": abstract})["params"]
+  except tree_io.CorruptCheckpointError as e:
+    raise cli.UserError(str(e).splitlines()[0], what,
+                        "the parameters do not belong to the net its model.json describes (or the folder is "
+                        "damaged): convert the model again") from e
+
+
 def make_position_sampler(fn: Callable, mesh, param_shardings) -> Callable:
   """jit of (params, base_key, seeds, positions) -> fn(params, seed_keys(base_key, seeds), seeds, positions).
 

@@ -41,7 +41,7 @@ import numpy as np
 from ddo_jax import cli
 from ddo_jax.families import diffusion
 from ddo_jax.families.edm import EDM, to_uint8
-from ddo_jax.families.base import Family, make_position_sampler, refuse_options
+from ddo_jax.families.base import Family, load_replicated, make_position_sampler, refuse_options
 from ddo_jax.nets import edm2_encoders, edm2_unet
 from ddo_jax.nets.edm2_encoders import stability_constants
 from ddo_jax.sampling import dpmv3, heun, labels as labels_lib
@@ -358,7 +358,7 @@ class EDM2(EDM):
     if int(config["latent_channels"]) != c:
       raise cli.UserError(f"the VAE in {vae_dir} has {config['latent_channels']} latent channels, the model {c}",
                           "--vae", "give the VAE the model was trained with (stabilityai/sd-vae-ft-mse)")
-    params = _load_replicated(vae_dir / "params", sd_vae.abstract_params(vae), "--vae")
+    params = load_replicated(vae_dir / "params", sd_vae.abstract_params(vae), "--vae")
     self.decoder = edm2_encoders.StabilityVAEEncoder(vae, scale=self.latent_scale, bias=self.latent_bias,
                                                      batch_size=VAE_DECODE_BATCH)
     self.vae_params = params
@@ -555,20 +555,6 @@ def _model_dir_net(path, meta):
   return net, ("latent" if latent else "pixel"), scale_bias
 
 
-def _load_replicated(tree_dir, abstract, what: str):
-  """The Orbax tree {'params': <abstract>} at tree_dir, replicated over every device of every process (Orbax
-  reads it on any topology); a tree that does not match is a one-line UserError."""
-  from ddo_jax import parallel, tree_io  # pylint: disable=import-outside-toplevel
-  sharding = parallel.replicated(parallel.make_mesh())
-  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  try:
-    return tree_io.load_tree(tree_dir, {"params": abstract})["params"]
-  except tree_io.CorruptCheckpointError as e:
-    raise cli.UserError(str(e).splitlines()[0], what,
-                        "the parameters do not belong to the net its model.json describes (or the folder is "
-                        "damaged): convert the model again") from e
-
-
 def _load_variables(path, net_config, where: str = "--model") -> dict:
   """The {'params', 'buffers'} variables of an EDM2 folder, params/ (converted) or chosen/ (round), replicated."""
   path = pathlib.Path(path)
@@ -577,7 +563,7 @@ def _load_variables(path, net_config, where: str = "--model") -> dict:
     raise cli.UserError(f"{path} has neither params/ nor chosen/", where,
                         "give a folder written by `python -m launch.convert edm2` or a round folder of an EDM2 run")
   abstract = edm2_unet.abstract_variables(edm2_unet.build_precond(net_config))
-  return _load_replicated(tree, abstract, where)
+  return load_replicated(tree, abstract, where)
 
 
 __all__ = ["EDM2", "synthetic_latents", "to_uint8"]

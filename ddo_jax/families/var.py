@@ -12,7 +12,8 @@ max(alpha, 1), fake 0 on dropped pairs; 1, alpha otherwise; normalizer max(alpha
 `log_ratio` and `ddo_weights` read the same mask (ddo_weights gets no key) and a resumed run redraws it
 identically.
 
-Negatives (METHOD.md §3.3): the reference's guidance-free samples (VAR convention, cfg 0, no top-k / top-p)
+Negatives (METHOD.md §3.3): the reference's samples with model.negatives' guidance (DDO: cfg 1.0 read as
+w = cfg - 1 = 0, guidance-free; no top-k / top-p)
 decoded to pixels, x = 2 image - 1, and re-encoded by `log_ratio` (the pixel round trip). Online
 (`sample_paired`, upstream's protocol) fake i is sampled with the class of real i; offline negatives
 (`sample`, drawn before the round without the real batch) take a uniform class from their key.
@@ -33,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddo_jax import cli, objective
-from ddo_jax.families.base import Family
+from ddo_jax.families.base import Family, load_replicated, make_position_sampler, refuse_options
 from ddo_jax.nets import var as var_net
 from ddo_jax.nets import var_vqvae
+from ddo_jax.sampling import labels as labels_lib
 from ddo_jax.sampling import var_sample
 from ddo_jax.utils import log
 
@@ -56,7 +58,8 @@ class VAR(Family):
   name = "var"
   metric_mode = "min"
 
-  def __init__(self, config):
+  def __init__(self, config, vae=None):
+    """`vae`: an already loaded (VQVAE module, {'params': tree}) to use instead of the config's."""
     super().__init__(config)
     self._source = self._val_fn = None
     self.num_classes = int(config.num_classes)
@@ -69,7 +72,7 @@ class VAR(Family):
       raise cli.ConfigError(f"model.metric={metric!r}: VAR FID selection is not wired up yet", "config.model.metric",
                             "use --config.model.metric=nll --config.selection.metric=nll")
     patch_nums = tuple(int(p) for p in config.patch_nums)
-    self.vae, self.vae_params = self._load_vae(config, patch_nums)
+    self.vae, self.vae_params = vae if vae is not None else self._load_vae(config, patch_nums)
     depth = int(config.depth)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(_get(config, "compute_dtype", "float32")))
     if dtype is None:
@@ -83,8 +86,12 @@ class VAR(Family):
     self.net = var_net.build_var(dict(self.net_config, dtype=dtype))
     self.image_size = int(self.vae.img_size)
     neg = config.negatives
-    self.neg = dict(cfg=float(neg.cfg), top_k=int(neg.top_k), top_p=float(neg.top_p),
-                    more_smooth=bool(neg.more_smooth))
+    self.neg = dict(cfg=float(neg.cfg), guidance=str(_get(neg, "cfg_convention", var_sample.GUIDANCE_VAR)),
+                    top_k=int(neg.top_k), top_p=float(neg.top_p), more_smooth=bool(neg.more_smooth))
+    if self.neg["guidance"] not in var_sample.GUIDANCE_CONVENTIONS:
+      raise cli.ConfigError(f"model.negatives.cfg_convention={self.neg['guidance']!r} is not a CFG convention",
+                            "config.model.negatives.cfg_convention",
+                            f"use one of {list(var_sample.GUIDANCE_CONVENTIONS)} (DDO: one_plus_w with cfg 1.0)")
     d = config.data
     if _get(d, "source") == "synthetic" and int(_get(d, "resolution", self.image_size)) != self.image_size:
       raise cli.ConfigError(f"model.data.resolution={d.resolution} but the VQVAE makes {self.image_size}px images",
@@ -171,15 +178,16 @@ class VAR(Family):
 
   def _negatives(self, params, keys, labels):
     uncond = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), self.uncond_ratio))(keys)
+    return {"x": self._images(params, keys, labels) * 2.0 - 1.0, "label": labels, "uncond": uncond}
 
+  def _images(self, params, keys, labels):
+    """One image [H, W, 3] in [0, 1] per key and class, with model.negatives' guidance and sampling options."""
     def one(k, label):
       out = var_sample.autoregressive_infer_cfg(self.net, params, self.vae, self.vae_params, var_vqvae,
-                                                label[None], jax.random.fold_in(k, 3), guidance="var",
-                                                **self.neg)
+                                                label[None], jax.random.fold_in(k, 3), **self.neg)
       return out["image"][0]
 
-    image = jax.vmap(one)(keys, labels)
-    return {"x": image * 2.0 - 1.0, "label": labels, "uncond": uncond}
+    return jax.vmap(one)(keys, labels)
 
   # --- host side ------------------------------------------------------------------------------------
   def real_source(self, seed: int):
@@ -252,6 +260,145 @@ class VAR(Family):
     if diff:
       raise cli.UserError(f"the VAR in {path.parent} differs from the config ({'; '.join(diff)})",
                           "config.init.checkpoint", "set config.model.depth / patch_nums to the checkpoint's")
+
+
+  # --- sampling a saved model (launch.sample, launch.evaluate --model) ------------------------------
+  SAMPLING_OPTIONS = ("labels", "cfg", "cfg_convention", "top_k", "top_p", "more_smooth", "vae")
+
+  @classmethod
+  def from_model_dir(cls, path, meta, options):
+    """A VAR folder (`launch.convert var`: params/ + model.json, or a round folder of a VAR DDO run: chosen/ +
+    model.json) sampled with the protocol of DDO's VAR_sample.py.
+
+    Options (None = default): --cfg (1.0) and --cfg_convention (one_plus_w: w = cfg - 1, so DDO's `--cfg 1.0`
+    is guidance-free and 1.4 / 1.5 guided, METHOD.md §3.3; var: public VAR's w = cfg), --top_k (0 = off),
+    --top_p (0 = off; both off is DDO's "w/o sampling tricks" FID protocol; its --trick is 900 / 0.96),
+    --more_smooth (off), --labels balanced (default: the seed at position p of the seed list gets class
+    p mod classes, so 50k seeds give DDO's 50 per class) or random (a class drawn from the seed's key),
+    --vae DIR (the VQVAE converted with `launch.convert vqvae`; a round folder defaults to its run's
+    model.vae_checkpoint, or to the run's fixed-seed random VQVAE when it had none). Each seed samples one
+    image with its own key (upstream draws 25 per torch generator, g_seed = 1 + 2 cls + i, so its noise cannot
+    be reproduced; the class balance is the same). Images are uint8 as VAR's sample code makes them:
+    truncate(clip(x, 0, 1) * 255).
+    """
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    refuse_options(options, cls.SAMPLING_OPTIONS, "a VAR model")
+    convention = options["cfg_convention"] or var_sample.GUIDANCE_ONE_PLUS_W
+    if convention not in var_sample.GUIDANCE_CONVENTIONS:
+      raise cli.UserError(f"--cfg_convention {convention!r} is not a CFG convention", "--cfg_convention",
+                          f"use one of {', '.join(var_sample.GUIDANCE_CONVENTIONS)} (one_plus_w: DDO's --cfg values)")
+    cfg = 1.0 if options["cfg"] is None else float(options["cfg"])
+    if not np.isfinite(cfg):
+      raise cli.UserError(f"--cfg {cfg} is not finite", "--cfg", "pass e.g. 1.0 (guidance-free) or 1.4")
+    top_k = 0 if options["top_k"] is None else int(options["top_k"])
+    if top_k < 0:
+      raise cli.UserError(f"--top_k {top_k} is negative", "--top_k", "pass 0 (off) or a number of tokens, e.g. 900")
+    top_p = 0.0 if options["top_p"] is None else float(options["top_p"])
+    if not 0.0 <= top_p <= 1.0:
+      raise cli.UserError(f"--top_p {top_p} is not in [0, 1]", "--top_p", "pass 0 (off) or e.g. 0.96")
+    net = meta.get("net")
+    if not isinstance(net, dict) or "patch_nums" not in net:
+      raise cli.UserError(f"{path}/model.json has no VAR 'net' config", "--model",
+                          "give a folder written by `python -m launch.convert var` or a round folder of a VAR run")
+    vae, vae_params, vae_source = cls._model_dir_vae(path, meta, options["vae"], net)
+    config = ml_collections.ConfigDict(dict(
+        depth=int(net["depth"]), embed_dim=int(net["embed_dim"]), num_heads=int(net["num_heads"]),
+        num_classes=int(net["num_classes"]), patch_nums=tuple(net["patch_nums"]), uncond_ratio=0.0, metric="nll",
+        negatives=dict(cfg=cfg, cfg_convention=convention, top_k=top_k, top_p=top_p,
+                       more_smooth=bool(options["more_smooth"])),
+        data=dict(source="synthetic", num=0, resolution=int(vae.img_size)), labels=options["labels"] or "balanced"))
+    family = cls(config, vae=(vae, vae_params))
+    family.net_config = dict(net)
+    family.net = var_net.build_var(net)
+    family.vae_source = vae_source
+    tree = path / "params" if (path / "params").is_dir() else path / "chosen"
+    if not tree.is_dir():
+      raise cli.UserError(f"{path} has neither params/ nor chosen/", "--model",
+                          "give a folder written by `python -m launch.convert var` or a round folder of a VAR run")
+    params = load_replicated(tree, jax.eval_shape(family.init_params, jax.random.key(0)), "--model")
+    return family, params
+
+  @staticmethod
+  def _model_dir_vae(path, meta, vae_dir, net):
+    from ddo_jax.convert import vqvae as vqvae_convert  # pylint: disable=import-outside-toplevel
+    vae_dir = vae_dir or meta.get("vae_checkpoint") or ""
+    if vae_dir:
+      if not (pathlib.Path(vae_dir) / "model.json").is_file():
+        raise cli.UserError(f"{vae_dir} has no model.json", "--vae", VAE_FIX)
+      try:
+        vae, variables = vqvae_convert.load_converted(vae_dir)
+      except cli.UserError as e:
+        raise cli.UserError(e.what, "--vae", VAE_FIX) from e
+      source = "converted"
+    elif isinstance(meta.get("vae"), dict):   # a round folder of a run whose VQVAE was random (tiny config)
+      vae = vqvae_convert.vae_from_kwargs(meta["vae"])
+      variables = random_vae_params(vae, VAE_SEED)
+      source = f"random, seed {VAE_SEED}"
+      log.warning("the VQVAE of %s is RANDOMLY INITIALISED (seed %d), as in its run: smoke runs only", path, VAE_SEED)
+    else:
+      raise cli.UserError(f"{path} is a VAR model: its tokens need the VQVAE to become images", "--vae", VAE_FIX)
+    mine = (list(net["patch_nums"]), int(net["vocab_size"]), int(net["cvae"]))
+    theirs = ([int(p) for p in vae.patch_nums], int(vae.vocab_size), int(vae.z_channels))
+    if mine != theirs:
+      raise cli.UserError(f"the VQVAE (patch_nums, vocab, channels) {theirs} does not fit the VAR's {mine}", "--vae",
+                          "give the VQVAE the VAR was trained with (vae_ch160v4096z32.pth, converted with the "
+                          "VAR's --patch_nums)")
+    return vae, jax.tree_util.tree_map(jnp.asarray, variables), source
+
+  @property
+  def image_shape(self):
+    return (self.image_size, self.image_size, 3)
+
+  positions_matter = property(lambda self: self.config.get("labels", "balanced") == "balanced")
+
+  def sample_settings(self) -> dict:
+    import hashlib  # pylint: disable=import-outside-toplevel
+    from ddo_jax import tree_io  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    vae_sum = hashlib.sha256(json.dumps(tree_io.tree_checksum(self.vae_params), sort_keys=True).encode()).hexdigest()
+    return {"family": "var", "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+            "labels": self.config.labels, "base_seed": seeded.CLI_BASE_SEED, "cfg": self.neg["cfg"],
+            "cfg_convention": self.neg["guidance"],
+            "guidance_weight_w": var_sample.guidance_weight(self.neg["cfg"], self.neg["guidance"]),
+            "top_k": self.neg["top_k"], "top_p": self.neg["top_p"], "more_smooth": self.neg["more_smooth"],
+            "uint8": "truncate(clip(x, 0, 1) * 255)", "vae": self.vae_source, "vae_params_checksum": vae_sum}
+
+  def _cli_classes(self, keys, positions):
+    if self.config.labels == "balanced":
+      return labels_lib.balanced_classes(jnp.asarray(positions, jnp.int32), self.num_classes)
+    return jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), [], 0, self.num_classes,
+                                                 dtype=jnp.int32))(keys)
+
+  def seed_classes(self, seeds, positions):
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    if self.config.labels == "balanced":
+      return np.asarray(labels_lib.balanced_classes(np.asarray(positions, np.int64), self.num_classes), np.int64)
+    keys = seeded.seed_keys(jax.random.key(seeded.CLI_BASE_SEED), jnp.asarray(np.asarray(seeds, np.int32)))
+    return np.asarray(jax.jit(self._cli_classes)(keys, np.asarray(positions, np.int32)), np.int64)
+
+  def image_sampler(self, params, mesh):
+    from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+
+    def fn(p, keys, seeds, positions):
+      del seeds
+      classes = self._cli_classes(keys, positions)
+      x = self._images(p["net"], keys, classes)   # one image per key, with the options' guidance
+      images = jnp.floor(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+      return {"images": images, "classes": classes}
+
+    replicated = parallel.replicated(mesh)
+    program = make_position_sampler(fn, mesh, replicated)
+    bundle = jax.device_put({"net": params}, replicated)
+    batch = parallel.batch_sharding(mesh)
+    base = jax.random.key(seeded.CLI_BASE_SEED)
+
+    def run(seeds, positions):
+      out = parallel.to_host(program(bundle, base, jax.device_put(np.asarray(seeds, np.int32), batch),
+                                     jax.device_put(np.asarray(positions, np.int32), batch)))
+      return np.asarray(out["images"], np.uint8), np.asarray(out["classes"], np.int64)
+
+    return run
 
 
 def random_vae_params(vae, seed: int) -> dict:
