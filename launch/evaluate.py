@@ -32,11 +32,13 @@ reference holds `features` or `arr_0`. The batch is split over every device (`pa
 a progress line with rate and ETA is logged; the metrics are printed and written as JSON atomically
 (`--out`, process 0).
 
-Checkpoint mode (instead of `--images`): sample a model folder (EDM or EDM2: `launch.convert edm` / `edm2`,
-or a DDO round folder) and evaluate the samples without writing them: `--model DIR --num N` with the
+Checkpoint mode (instead of `--images`): sample a model folder (EDM, EDM2 or VAR: `launch.convert edm` / `edm2`
+/ `var`, or a DDO round folder) and evaluate the samples without writing them: `--model DIR --num N` with the
 sampling flags of launch.sample (its docstring lists each family's): EDM `[--steps 18] [--S_churn]
 [--float64]`; EDM2 `[--sampler heun|dpmv3] [--steps] [--guide DIR --guidance G] [--vae DIR (latent models)]
-[--float64]`. --labels defaults to balanced here (strict class balance, the FID protocol of EDM2 and the
+[--float64]`; VAR `[--cfg 1.0] [--cfg_convention one_plus_w|var] [--top_k] [--top_p] [--more_smooth] --vae DIR`
+(the VQVAE; DDO's protocol: 50k balanced seeds, --cfg 1.0 guidance-free, 1.4 guided, against
+VIRTUAL_imagenet256_labeled.npz). --labels defaults to balanced here (strict class balance, the FID protocol of EDM2 and the
 tool's default before; EDM: seed mod classes; EDM2: position mod classes, the same for seeds 0..N-1).
 Seeds 0..N-1 draw the images launch.sample draws for them. `build_sampler` turns the folder
 (`ddo_jax.families.load_model_dir`) into a callable `sampler(num_images)` yielding uint8 NHWC batches
