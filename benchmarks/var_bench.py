@@ -47,7 +47,9 @@ def _args(argv=None):
   ap.add_argument("--batch", type=int, default=2, help="real images per micro-step (plus as many online fakes)")
   ap.add_argument("--steps", type=int, default=2, help="timed calls after one warm-up call")
   ap.add_argument("--sampler_batch", type=int, default=25, help="classes per CFG sampler call (x2 rows)")
-  ap.add_argument("--cfg", type=float, default=1.5, help="the sampler's --cfg (config's eval cfg_convention)")
+  ap.add_argument("--cfg", type=float, default=1.5, help="the CFG sampler's cfg (1.5: DDO's guided FID)")
+  ap.add_argument("--cfg_convention", default="one_plus_w", choices=["one_plus_w", "var"],
+                  help="how --cfg maps to VAR's guidance weight w (one_plus_w: w = cfg - 1; var: w = cfg)")
   ap.add_argument("--skip_step", action="store_true", help="skip (a)-(c)")
   ap.add_argument("--skip_sampler", action="store_true", help="skip (d)")
   ap.add_argument("--abstract_only", action="store_true",
@@ -239,10 +241,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     fake = neg(0)
     out["neg_warmup_s"] = round(time.perf_counter() - t0, 3)
+    _log(f"  warm-up negatives: {out['neg_warmup_s']:.1f} s")
     t0 = time.perf_counter()
     state, m = step_compiled(state, ref, {"real": real, "fake": fake})
     float(m["loss"])
     out["step_warmup_s"] = round(time.perf_counter() - t0, 3)
+    _log(f"  warm-up DDO step: {out['step_warmup_s']:.1f} s")
     neg_t, step_t = [], []
     for i in range(a.steps):
       t0 = time.perf_counter()
@@ -271,7 +275,7 @@ def main(argv=None):
 
   if not a.skip_sampler:
     sb = a.sampler_batch
-    guidance = str(config.model.eval.cfg_convention)
+    guidance = a.cfg_convention
     fn = jax.jit(lambda p, labels, key: var_sample.autoregressive_infer_cfg(
         family.net, p, family.vae, family.vae_params, var_vqvae, labels, key, cfg=a.cfg, guidance=guidance)["image"])
     labels = jnp.asarray(rng.integers(0, family.num_classes, sb).astype(np.int32))
