@@ -81,7 +81,8 @@ def get_config(arg: str = "d16"):
                 cfg_convention="one_plus_w",    # DDO's literal --cfg values: w = cfg - 1 (METHOD.md §3.3 warning)
                 per_class=50,                   # 50 per class = 50k (VAR_sample.py)
                 top_k=0, top_p=0.0,             # VAR_sample.py FID protocol
-                inception="", ref_stats=""),   # VIRTUAL_imagenet256_labeled.npz (OpenAI's reference batch)
+                inception="", ref_stats="",     # VIRTUAL_imagenet256_labeled.npz (OpenAI's reference batch)
+                batch_size=200, sample_batch=200),   # Inception batch; sampler calls of the FID samples
   )
   c.mesh = dict(data=-1, fsdp=1)
   c.step_impl = "jit"

@@ -47,6 +47,10 @@ def _rule(name: str, shape) -> tuple:
 
 @pytest.fixture(scope="module")
 def state_dict():
+  return hash_inception_state_dict()
+
+
+def hash_inception_state_dict() -> dict:
   """Golden-rule pytorch-fid state dict (torch names; num_batches_tracked omitted)."""
   out, k = {}, 0
   for name, (_, _, shape) in inception_names.expected_layout().items():

@@ -22,8 +22,10 @@ The VQVAE is frozen and held by the family (not in the trained parameters): conv
 model.vae_checkpoint (`launch.convert vqvae`), or, for the `tiny` config, initialized from a fixed seed with
 the architecture of model.vae. Its parameters enter the jitted programs as constants.
 
-Selection metric: 'nll' (mean negative log-likelihood per token of a fixed held-out batch of real data,
-conditional; cheap, for tests). FID ('fid_cfg*') is not wired up yet: it is refused at start.
+Selection metrics: 'nll' (mean negative log-likelihood per token of a fixed held-out batch of real data,
+conditional; cheap, for tests) or 'fid_cfg<c>' (FID of model.eval.per_class class-balanced samples per class at
+guidance c, for every c of model.eval.cfg, with 'is_cfg<c>', against model.eval.ref_stats: OpenAI's
+VIRTUAL_imagenet256_labeled.npz for ImageNet-256; `evaluate`).
 """
 import json
 import pathlib
@@ -61,16 +63,17 @@ class VAR(Family):
   def __init__(self, config, vae=None):
     """`vae`: an already loaded (VQVAE module, {'params': tree}) to use instead of the config's."""
     super().__init__(config)
-    self._source = self._val_fn = None
+    self._source = self._val_fn = self._evaluator = None
+    self._eval_fns = {}
     self.num_classes = int(config.num_classes)
     self.uncond_ratio = float(config.uncond_ratio)
     if not 0.0 <= self.uncond_ratio <= 1.0:
       raise cli.ConfigError(f"model.uncond_ratio={self.uncond_ratio} is not a probability",
                             "config.model.uncond_ratio", "use a value in [0, 1] (DDO: 0.5)")
-    metric = str(config.metric)
-    if metric != "nll":
-      raise cli.ConfigError(f"model.metric={metric!r}: VAR FID selection is not wired up yet", "config.model.metric",
-                            "use --config.model.metric=nll --config.selection.metric=nll")
+    self.metric = str(config.metric)
+    self.fid_cfgs = {}
+    if self.metric != "nll":
+      self._check_fid_config(config)
     patch_nums = tuple(int(p) for p in config.patch_nums)
     self.vae, self.vae_params = vae if vae is not None else self._load_vae(config, patch_nums)
     depth = int(config.depth)
@@ -117,6 +120,29 @@ class VAR(Family):
                           share_quant_resi=int(arch.share_quant_resi), patch_nums=patch_nums)
     log.warning("the VQVAE is RANDOMLY INITIALISED (seed %d; model.vae_checkpoint empty): smoke runs only", VAE_SEED)
     return vae, random_vae_params(vae, VAE_SEED)
+
+  def _check_fid_config(self, config) -> None:
+    """model.metric 'fid_cfg<c>' for a c of model.eval.cfg; the Inception weights and reference statistics given."""
+    import os  # pylint: disable=import-outside-toplevel
+    e = _get(config, "eval")
+    cfgs = [float(c) for c in (_get(e, "cfg", ()) if e is not None else ())]
+    self.fid_cfgs = {f"fid_cfg{c}": c for c in cfgs}
+    if self.metric not in self.fid_cfgs:
+      raise cli.ConfigError(f"model.metric={self.metric!r} is not 'nll' or one of {sorted(self.fid_cfgs)}",
+                            "config.model.metric", "use 'nll' or fid_cfg<c> for a c of model.eval.cfg, e.g. fid_cfg1.0")
+    convention = str(_get(e, "cfg_convention", var_sample.GUIDANCE_ONE_PLUS_W))
+    if convention not in var_sample.GUIDANCE_CONVENTIONS:
+      raise cli.ConfigError(f"model.eval.cfg_convention={convention!r} is not a CFG convention",
+                            "config.model.eval.cfg_convention", f"use one of {list(var_sample.GUIDANCE_CONVENTIONS)}")
+    if int(_get(e, "per_class", 0)) < 1:
+      raise cli.ConfigError(f"model.eval.per_class={_get(e, 'per_class')!r} is not a positive count",
+                            "config.model.eval.per_class", "use 50 (DDO's 50k FID samples)")
+    if not _get(e, "ref_stats", ""):
+      raise cli.ConfigError(f"model.metric={self.metric!r} needs model.eval.ref_stats", "config.model.eval.ref_stats",
+                            "pass OpenAI's VIRTUAL_imagenet256_labeled.npz (guided-diffusion's evaluation suite)")
+    if not (_get(e, "inception", "") or os.environ.get("DDO_JAX_INCEPTION")):
+      raise cli.ConfigError(f"model.metric={self.metric!r} needs model.eval.inception", "config.model.eval.inception",
+                            "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
 
   # --- pure functions -------------------------------------------------------------------------------
   def init_params(self, rng):
@@ -180,11 +206,14 @@ class VAR(Family):
     uncond = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), self.uncond_ratio))(keys)
     return {"x": self._images(params, keys, labels) * 2.0 - 1.0, "label": labels, "uncond": uncond}
 
-  def _images(self, params, keys, labels):
-    """One image [H, W, 3] in [0, 1] per key and class, with model.negatives' guidance and sampling options."""
+  def _images(self, params, keys, labels, opts=None):
+    """One image [H, W, 3] in [0, 1] per key and class, with the guidance and sampling options `opts`
+    (default model.negatives')."""
+    opts = self.neg if opts is None else opts
+
     def one(k, label):
       out = var_sample.autoregressive_infer_cfg(self.net, params, self.vae, self.vae_params, var_vqvae,
-                                                label[None], jax.random.fold_in(k, 3), **self.neg)
+                                                label[None], jax.random.fold_in(k, 3), **opts)
       return out["image"][0]
 
     return jax.vmap(one)(keys, labels)
@@ -221,8 +250,76 @@ class VAR(Family):
 
   def evaluate(self, params, sample: Callable, seed: int) -> dict:
     """'nll': mean negative log-likelihood per token (nats) of a fixed held-out batch of real images with
-    their classes."""
+    their classes; always computed (cheap). With a 'fid_cfg<c>' metric also, for every c of model.eval.cfg,
+    'fid_cfg<c>' and 'is_cfg<c>' of model.eval.per_class samples per class (sample i has class i mod classes
+    and the key fold_in(key(seed + 30000), i); guidance c under model.eval.cfg_convention, eval top_k / top_p)
+    against model.eval.ref_stats, as DDO_trainer.py scores every checkpoint at cfg 1.0 and 1.5."""
     del sample
+    out = {"nll": self._nll(params, seed)}
+    for name, c in self.fid_cfgs.items():
+      out.update(self._fid(params, seed, name, c))
+    return out
+
+  def _fid(self, params, seed: int, name: str, cfg: float) -> dict:
+    from ddo_jax import utils  # pylint: disable=import-outside-toplevel
+    from ddo_jax.metrics import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
+    from ddo_jax.metrics import reference_stats  # pylint: disable=import-outside-toplevel
+    e = self.config.eval
+    if self._evaluator is None:
+      self._evaluator = evaluator_lib.Evaluator(
+          evaluator_lib.load_inception(_get(e, "inception", "") or None), batch_size=int(_get(e, "batch_size", 200)),
+          ref_stats=reference_stats.load_reference_stats(e.ref_stats), compute_is=True, num_is_splits=10)
+    ev = self._evaluator
+    ev.reset()
+    n = int(e.per_class) * self.num_classes
+    bs = int(_get(e, "sample_batch", 0)) or n
+    run = self._eval_sampler(params, cfg)
+    base = jax.random.key(seed + 30_000)
+    progress = utils.Progress(f"FID samples (cfg {cfg})", n, unit="images")
+    for start in range(0, n, bs):
+      ids = np.arange(start, min(start + bs, n), dtype=np.int32)
+      ev.add_global_uint8(run(params, base, ids))
+      progress.update(int(ids[-1]) + 1)
+    r = ev.result()
+    suffix = name[len("fid_"):]
+    return {name: float(r["fid"]), f"is_{suffix}": float(r.get("is_mean", float("nan")))}
+
+  def _eval_sampler(self, params, cfg: float):
+    """fn(params, base_key, ids [B] int32) -> host uint8 images [B, H, W, 3] (class ids mod classes, one compile
+    per cfg value), batch-sharded over the parameters' mesh when they live on one."""
+    from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+    cache = self._eval_fns
+    if cfg not in cache:
+      e = self.config.eval
+      opts = dict(cfg=float(cfg), guidance=str(_get(e, "cfg_convention", var_sample.GUIDANCE_ONE_PLUS_W)),
+                  top_k=int(_get(e, "top_k", 0)), top_p=float(_get(e, "top_p", 0.0)), more_smooth=False)
+
+      def fn(p, keys, seeds, positions):
+        del seeds
+        x = self._images(p, keys, labels_lib.balanced_classes(positions, self.num_classes), opts)
+        return jnp.floor(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+      leaf_sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+      mesh = getattr(leaf_sharding, "mesh", None)
+      if mesh is not None and "data" in mesh.shape:
+        program = make_position_sampler(fn, mesh, jax.tree_util.tree_map(lambda a: a.sharding, params))
+        shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
+        batch = parallel.batch_sharding(mesh)
+      else:
+        from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+        program = jax.jit(lambda p, base, seeds, pos: fn(p, seeded.seed_keys(base, seeds), seeds, pos))
+        shards, batch = 1, None
+
+      def run(p, base, ids):
+        pad = (-len(ids)) % shards
+        full = np.concatenate([ids, np.full(pad, ids[-1], np.int32)])
+        put = (lambda a: jax.device_put(a, batch)) if batch is not None else jnp.asarray
+        return np.asarray(parallel.to_host(program(p, base, put(full), put(full))))[:len(ids)]
+
+      cache[cfg] = run
+    return cache[cfg]
+
+  def _nll(self, params, seed: int) -> float:
     source, n = self.real_source(seed)
     idx = np.sort(np.random.default_rng([seed, 9]).permutation(n)[:min(n, int(_get(self.config, "eval_batch", 16)))])
     batch = source(idx)
@@ -234,7 +331,7 @@ class VAR(Family):
         return -jnp.mean(self.seq_logp(p, labels, tokens, x_in)) / big_l
 
       self._val_fn = jax.jit(nll)
-    return {"nll": float(self._val_fn(params, jnp.asarray(batch["x"]), jnp.asarray(batch["label"], jnp.int32)))}
+    return float(self._val_fn(params, jnp.asarray(batch["x"]), jnp.asarray(batch["label"], jnp.int32)))
 
   def plot_samples(self, ax, x, title):
     from ddo_jax.families.edm import EDM  # pylint: disable=import-outside-toplevel
