@@ -162,9 +162,19 @@ def test_ddo_var_loss_and_every_gradient_match_goldens():
   print(f"DDO-VAR gradients worst relative err {worst[1]:.2e} at {worst[0]} (tol 1e-4)")
   assert worst[1] <= 1e-4
   # loss at the reference: theta = ref gives zero gaps and (mean w_real + mean w_fake) log 2 / max(alpha, 1).
+  # The target's log-likelihood is computed on the differentiated path and the reference's under stop_gradient:
+  # XLA may fuse the two 30-term sums (|logp| ~170) differently, so a gap at theta = ref is zero up to the float32
+  # rounding of those sums (one ulp of 170 is 1.5e-5; seen on some CPUs): bounded by 8 ulps of the largest |logp|,
+  # and the loss by that bound through the slope of -log sigmoid (<= beta w_i / max(alpha, 1) per row).
   (loss_ref, (gr0, gf0, _, _)), _ = fn(ref, ref, io)
-  assert np.all(np.asarray(gr0) == 0) and np.all(np.asarray(gf0) == 0)
+  logp_max = np.float32(np.abs(np.concatenate([io["logp_ref_real"], io["logp_ref_fake"]])).max())
+  gap0_tol = 8 * float(np.spacing(logp_max))
+  gap0_err = max(float(np.abs(np.asarray(gr0)).max()), float(np.abs(np.asarray(gf0)).max()))
+  assert gap0_err <= gap0_tol, (gap0_err, gap0_tol)
+  loss0_tol = (h["beta"] * (io["w_real"].max() + io["w_fake"].max()) / max(h["alpha"], 1) * gap0_tol
+               + 4 * float(np.spacing(np.float32(io["loss_at_ref"]))))
   expected = (io["w_real"].mean() + io["w_fake"].mean()) * np.log(2) / max(h["alpha"], 1)
-  print(f"DDO-VAR loss at ref err {abs(float(loss_ref) - float(io['loss_at_ref'])):.2e}")
-  assert abs(float(loss_ref) - float(io["loss_at_ref"])) <= 4 * np.spacing(np.float32(io["loss_at_ref"]))
-  assert abs(float(loss_ref) - expected) <= 1e-6
+  print(f"DDO-VAR at ref: gaps {gap0_err:.2e} (tol {gap0_tol:.2e}), "
+        f"loss err {abs(float(loss_ref) - float(io['loss_at_ref'])):.2e} (tol {loss0_tol:.2e})")
+  assert abs(float(loss_ref) - float(io["loss_at_ref"])) <= loss0_tol
+  assert abs(float(loss_ref) - expected) <= loss0_tol + 1e-6

@@ -41,7 +41,10 @@ def _vae_from_kwargs(kw):
 
 
 def _state():
-  """The tiny VQVAE's state dict regenerated from config.json's rule, each tensor checked against its sha256."""
+  """The tiny VQVAE's state dict regenerated from config.json's rule, each tensor checked against its sha256.
+
+  Returns a fresh dict (the arrays shared) so that a caller that drops or replaces entries to test a
+  refusal cannot change what later tests see."""
   if "state" not in _CACHE:
     meta = load_json("var", "vqvae", "config.json")
     state, bad = {}, []
@@ -55,7 +58,8 @@ def _state():
       state[t["key"]] = w
     assert not bad, f"regenerated weights fail their sha256: {bad}"
     _CACHE["state"] = (meta, state)
-  return _CACHE["state"]
+  meta, state = _CACHE["state"]
+  return meta, dict(state)
 
 
 def _model():
