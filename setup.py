@@ -36,6 +36,6 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "scipy>=1.13", "safetensors>=0.4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scipy>=1.13", "safetensors>=0.4"],
     },
 )
