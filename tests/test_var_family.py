@@ -258,7 +258,7 @@ def test_family_loss_and_gradients_match_goldens_ddo_var_loss():
 def test_bfloat16_compute_option_gives_the_float32_gaps_to_bfloat16_rounding():
   """model.compute_dtype='bfloat16' (issue 10 §5's option; float32 is the default for parity): the blocks run in
   bfloat16, the logits and log-softmax in float32; gaps and gradients are float32 and near the float32 ones."""
-  config, family, ref, theta, batch = _setup()
+  _, family, ref, theta, batch = _setup()
   c16 = var_imagenet256.get_config("tiny")
   c16.model.compute_dtype = "bfloat16"
   fam16 = var_family.VAR(c16.model)
@@ -267,9 +267,10 @@ def test_bfloat16_compute_option_gives_the_float32_gaps_to_bfloat16_rounding():
   assert all(g.dtype == jnp.float32 for g in gaps16)
   g16 = np.concatenate([np.asarray(g) for g in gaps16])
   err = np.abs(g16 - g32).max()
-  print(f"bfloat16 vs float32 gaps {g32} max err {err:.3e}")
-  # bfloat16 keeps 8 mantissa bits: per-token log-probabilities move by ~1e-2, a 30-token sum by a few tenths
-  assert err < 1.0 and np.all(np.isfinite(g16))
+  print(f"bfloat16 vs float32 gaps: max err {err:.3e} on gaps up to {np.abs(g32).max():.3e}")
+  # bfloat16 keeps 8 mantissa bits; theta and ref run the same bfloat16 blocks on the same tokens, so much of the
+  # rounding cancels in the gap: measured 1.7e-3 on gaps of ~0.19 (2026-12-06). 0.05 leaves a wide margin for
+  # other CPUs and still fails a sign or scale error in the gaps.
+  assert err < 0.05 and np.all(np.isfinite(g16))
   grads = jax.jit(jax.grad(lambda p, b: jnp.sum(fam16.log_ratio(p, ref, b, jax.random.key(5))[0])))(theta, batch)
   assert all(l.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(grads))
-  del config
