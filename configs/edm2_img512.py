@@ -2,20 +2,30 @@
 ImageNet-512 runs.
 
 Variants (`--config configs/edm2_img512.py:<variant>`):
-  l       edm2-img512-l-1879048-0.085.pkl (EDM2-L, the FID-optimal post-hoc EMA, confirmed in NVlabs/DDO
-          issue #2) -> DDO, 28 rounds of 6.4M images
-  tiny    self-contained smoke run: the goldens' tiny 16x16x4 EDM2 Precond architecture (edm2/precond_latent),
-          RANDOMLY INITIALISED (init.kind='random'), on SYNTHETIC VAE moments (data.source='synthetic', not
-          ImageNet latents); 2 rounds, no download, no checkpoint; metric 'denoise_loss'.
-  (l_guided, sampling with EDM2-XS autoguidance at 1.1, is left out: the guided EDM2 sampler is not in
-  ddo_jax/sampling yet.)
+  l         edm2-img512-l-1879048-0.085.pkl (EDM2-L, the FID-optimal post-hoc EMA, confirmed in NVlabs/DDO
+            issue #2) -> DDO, 28 rounds of 6.4M images, FID selection of unguided samples
+  l_guided  as `l`, but each checkpoint's FID is measured with autoguidance by EDM2-XS
+            (edm2-img512-xs-0134217-0.165.pkl, converted, at model.eval.guide) at guidance 1.1, DDO's README
+            protocol for its 1.21 "w/ G" figure; negatives stay unguided
+  tiny      self-contained smoke run: the goldens' tiny 16x16x4 EDM2 Precond architecture (edm2/precond_latent),
+            RANDOMLY INITIALISED (init.kind='random'), on SYNTHETIC VAE moments (data.source='synthetic', not
+            ImageNet latents); 2 rounds, no download, no checkpoint; metric 'denoise_loss'. With
+            --config.model.data.source=synthetic_images --config.model.vae=<tiny VAE> it runs through a VAE
+            instead (the suite does, with the goldens' tiny SD VAE).
 
-The `l` variant needs a converted EDM2 checkpoint (init.checkpoint) and EDM2's latent dataset zip
-(model.data.path=img512-sd.zip: 8-channel mean/std .npy per image plus dataset.json labels, made with EDM2's
-dataset_tool.py encode; read lazily by ddo_jax/data/edm2_zip.py). A missing zip stops the run at start with
-one line saying how to make it. No converter for EDM2 pickles exists yet, and FID of latents needs the SD VAE
-decoder, which the family does not wire up: with data present the variant stops at start with a one-line
-error on model.metric (use --config.model.metric=denoise_loss --config.selection.metric=denoise_loss).
+The `l` variants need a converted EDM2 checkpoint (init.checkpoint: `python -m launch.convert edm2 --src
+edm2-img512-l-1879048-0.085.pkl --out <dir>`), the SD VAE (model.vae: the stabilityai/sd-vae-ft-mse diffusers
+folder, or that folder converted by `python -m launch.convert sd-vae`), and ImageNet, one of:
+  * EDM2's latent zip (default; model.data.source='edm2_zip', model.data.path=img512-sd.zip: 8-channel mean/std
+    .npy per image plus dataset.json labels, made with EDM2's dataset_tool.py convert + encode; read lazily);
+  * `tfds.data_source('imagenet2012')` (model.data.source='tfds', model.data.data_dir) or the extracted train
+    folder (model.data.source='folder', model.data.path): center-cropped to 512 as dataset_tool does and
+    encoded by model.vae on the fly (one VAE encoder pass per real image; the zip avoids that cost).
+A missing dataset or VAE stops the run at start with one line saying how to prepare it. FID (the round metric)
+decodes the samples with model.vae and needs model.eval.inception (pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth) and model.eval.ref_stats (EDM2's
+https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl); each scored image is the one `launch.sample
+--seeds 0-49999` makes from the saved round with the same sampler, guide and guidance.
 
 Sources: METHOD.md §2.2, §2.5, §4.1, §5; ARCHITECTURES.md §3.1, §3.7. [3P] marks third-party transcriptions
 of the paper's appendix (S7).
@@ -52,8 +62,14 @@ STABILITY = dict(raw_mean=[5.81, 3.25, 0.12, -2.15], raw_std=[4.17, 4.62, 3.71, 
 
 VARIANTS = {
     "l": "EDM2-L ImageNet-512 latents (edm2-img512-l-1879048-0.085.pkl), 28 rounds",
+    "l_guided": "as l, FID selection with EDM2-XS autoguidance at 1.1 (model.eval.guide)",
     "tiny": "self-contained smoke run: random tiny latent EDM2 net on SYNTHETIC latents, 2 rounds",
 }
+
+
+# DDO's README: `--gnet=edm2-img512-xs-0134217-0.165.pkl --guidance=1.1` (METHOD.md §5).
+GUIDE_PICKLE = "edm2-img512-xs-0134217-0.165.pkl"
+GUIDANCE = 1.1
 
 
 def get_config(arg: str = "l"):
@@ -69,10 +85,12 @@ def get_config(arg: str = "l"):
       P_mean=-0.4, P_std=1.6,                   # see open questions
       labels="balanced",
       sampler=dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0),  # 63 NFE
-      data=dict(source="edm2_zip", path="", num=0),
+      data=dict(source="edm2_zip", path="", num=0, split="train", data_dir="", num_workers=0),
+      vae="",                                   # SD VAE folder (diffusers or launch.convert sd-vae)
       metric="fid",
       eval_batch=256,
-      eval=dict(inception="", ref_stats="", num_samples=50_000, batch_size=500),
+      # FID: 50k samples, seeds 0..49999, class = seed mod 1000 (EDM2_sample.py), decoded by model.vae.
+      eval=dict(inception="", ref_stats="", num_samples=50_000, batch_size=500, guide="", guidance=1.0),
   )
   c.mesh = dict(data=-1, fsdp=1)
   c.step_impl = "jit"
@@ -93,9 +111,12 @@ def get_config(arg: str = "l"):
   c.log_every = 50
   c.plot_samples = 64
 
+  if arg == "l_guided":
+    c.model.eval.guidance = GUIDANCE           # model.eval.guide: the converted GUIDE_PICKLE folder (required)
+
   if arg == "tiny":
     c.init = dict(kind="random", checkpoint="")
-    c.model.data = dict(source="synthetic", path="", num=256)
+    c.model.data.update(source="synthetic", num=256)
     c.model.metric = "denoise_loss"
     c.model.eval_batch = 32
     c.model.sampler.num_steps = 3

@@ -6,12 +6,16 @@ Variants (`--config configs/edm2_img64.py:<variant>`):
           RANDOMLY INITIALISED (init.kind='random'), on SYNTHETIC class-coloured discs (data.source='synthetic',
           not ImageNet); 2 rounds, no download, no checkpoint; metric 'denoise_loss'.
 
-The `s` variant needs a converted EDM2 checkpoint (init.checkpoint: a folder with params/ holding the Precond's
-{'params', 'buffers'} tree and a model.json with family 'edm2') and EDM2's dataset zip
-(model.data.source='edm2_zip', model.data.path=img64.zip, made with EDM2's dataset_tool.py; read lazily by
-ddo_jax/data/edm2_zip.py). A missing zip stops the run at start with one line saying how to make it. No
-converter for EDM2 pickles exists yet (launch.convert has only EDM's), so init.checkpoint cannot be made
-with this package today.
+The `s` variant needs a converted EDM2 checkpoint (init.checkpoint: `python -m launch.convert edm2 --src
+edm2-img64-s-1073741-0.075.pkl --out <dir>`) and ImageNet, one of:
+  * EDM2's dataset zip (default; model.data.source='edm2_zip', model.data.path=img64.zip, made with EDM2's
+    `dataset_tool.py convert --resolution=64x64 --transform=center-crop-dhariwal`; read lazily);
+  * `tfds.data_source('imagenet2012')` (model.data.source='tfds', model.data.data_dir, model.data.split) or the
+    extracted train folder (model.data.source='folder', model.data.path), center-cropped on the fly exactly as
+    that dataset_tool command does (ddo_jax/data/edm2_imagenet.py).
+A missing dataset stops the run at start with one line saying how to prepare it. The FID metric needs
+model.eval.inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) and model.eval.ref_stats (EDM2's
+https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img64.pkl).
 
 Sources: METHOD.md §2.2 (the loss), §2.5 (EDM2 specifics), §4.1 (table), §5 (sampling for FID);
 ARCHITECTURES.md §3.1 (network). [3P] marks third-party transcriptions of the paper's appendix (S7).
@@ -65,10 +69,11 @@ def get_config(arg: str = "s"):
       P_mean=-0.8, P_std=1.6,                   # EDM2 img64 pretraining (see open questions)
       labels="balanced",                        # label = seed mod 1000 (DDO's EDM2_sample.py)
       sampler=dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0),  # 63 NFE
-      data=dict(source="edm2_zip", path="", num=0),
+      data=dict(source="edm2_zip", path="", num=0, split="train", data_dir="", num_workers=0),
       metric="fid",
       eval_batch=256,                           # held-out batch of the 'denoise_loss' metric
-      eval=dict(inception="", ref_stats="", num_samples=50_000, batch_size=500),
+      # FID: 50k samples, seeds 0..49999, class = seed mod 1000 (EDM2_sample.py), unguided (guidance 1.0).
+      eval=dict(inception="", ref_stats="", num_samples=50_000, batch_size=500, guide="", guidance=1.0),
   )
   c.mesh = dict(data=-1, fsdp=1)
   c.step_impl = "jit"
@@ -91,7 +96,7 @@ def get_config(arg: str = "s"):
 
   if arg == "tiny":
     c.init = dict(kind="random", checkpoint="")
-    c.model.data = dict(source="synthetic", path="", num=256)
+    c.model.data.update(source="synthetic", num=256)
     c.model.metric = "denoise_loss"
     c.model.eval_batch = 32
     c.model.sampler.num_steps = 3

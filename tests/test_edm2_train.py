@@ -61,3 +61,41 @@ def test_bad_schedule_is_one_line(tmp_path):
              "--config.optim.ref_steps=0", timeout=120)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1 and "(config.optim.ref_steps)" in lines[0], out.stderr[-2000:]
+
+
+def test_tiny_latent_run_through_the_sd_vae_with_fid_selection(tmp_path):
+  """configs/edm2_img512.py:tiny through the goldens' tiny SD VAE (diffusers folder): SYNTHETIC disc images
+  encoded into latents on the fly, two DDO rounds, each checkpoint chosen by FID of class-balanced samples
+  decoded by the VAE (random Inception, an EDM2-style reference .pkl)."""
+  import pickle
+  from ddo_jax.convert import inception_names
+  from ddo_jax.metrics import evaluator as evaluator_lib
+  from tests import test_evaluator
+  from tests.goldens import golden_path
+  evaluator_lib.save_inception_npz(
+      inception_names.inception_variables_from_state_dict(test_evaluator.hash_inception_state_dict()),
+      tmp_path / "inception.npz")
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((2048, 64)) * 0.1
+  with open(tmp_path / "img512.pkl", "wb") as f:
+    pickle.dump({"num_images": 50000, "fid": {"mu": rng.standard_normal(2048) * 0.1,
+                                              "sigma": a @ a.T + 0.01 * np.eye(2048)}}, f)
+  work = tmp_path / "work"
+  out = _run("--config", "configs/edm2_img512.py:tiny", "--workdir", str(work),
+             "--config.model.data.source=synthetic_images",
+             f"--config.model.vae={golden_path('sd_vae', 'diffusers_tiny')}",
+             "--config.model.metric=fid", "--config.selection.metric=fid",
+             f"--config.model.eval.inception={tmp_path / 'inception.npz'}",
+             f"--config.model.eval.ref_stats={tmp_path / 'img512.pkl'}",
+             "--config.model.eval.num_samples=8", "--config.model.eval.batch_size=8")
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "encoded by the VAE of model.vae" in out.stderr
+  summary = json.loads((work / "summary.json").read_text())
+  assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+  fids = [r["fid"] for r in summary["rounds"]]
+  assert all(np.isfinite(fids)) and fids[1] != fids[0], fids
+  for r in (1, 2):
+    rdir = work / f"round_{r:03d}"
+    with np.load(rdir / "negatives" / "chunk_00000.npz") as f:
+      assert f["x"].shape == (32, 16, 16, 4) and np.all(np.isfinite(f["x"]))
+    assert json.loads((rdir / "summary.json").read_text())["step_compilations"] == 1

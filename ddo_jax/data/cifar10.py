@@ -321,6 +321,13 @@ def load_synthetic(num: int = 512, resolution: int = 32, seed: int = 0) -> Tuple
   """SYNTHETIC stand-in data (not CIFAR-10): `num` uint8 images of one soft coloured disc each, whose colour
   and position depend on the class (10 classes), with pixel noise. For runs that must work with no dataset
   prepared (configs/edm_cifar10.py:tiny); nothing learned on it says anything about CIFAR-10."""
+  images, labels = synthetic_images(num, resolution, seed)
+  utils.log.info("SYNTHETIC data (not CIFAR-10): %d images %dx%d, 10 classes", num, resolution, resolution)
+  return _in_memory(images, labels), num
+
+
+def synthetic_images(num: int, resolution: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """The images of `load_synthetic`: (uint8 [num, resolution, resolution, 3], int labels arange(num) % 10)."""
   rng = np.random.default_rng([seed, 7])
   labels = np.arange(num) % NUM_CLASSES
   hues = rng.uniform(40, 215, size=(NUM_CLASSES, 3))
@@ -332,8 +339,7 @@ def load_synthetic(num: int = 512, resolution: int = 32, seed: int = 0) -> Tuple
     disc = np.exp(-d2 / (2 * (0.18 * resolution) ** 2))[..., None]
     img = 30 + disc * hues[k] + rng.normal(0, 8, size=(resolution, resolution, 3))
     images[i] = np.clip(img, 0, 255).astype(np.uint8)
-  utils.log.info("SYNTHETIC data (not CIFAR-10): %d images %dx%d, 10 classes", num, resolution, resolution)
-  return _in_memory(images, labels), num
+  return images, labels
 
 
 LOADERS: Mapping[str, Callable[..., Tuple[Source, int]]] = {

@@ -40,6 +40,14 @@ def _error(what: str, space: str) -> DatasetNotFoundError:
   return DatasetNotFoundError(what, "config.model.data.path", PREPARE[space])
 
 
+def standard_rgb(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1] as EDM2's StandardRGBEncoder: x / 127.5 - 1, each in float32."""
+  x = np.asarray(images, np.uint8).astype(np.float32)
+  x /= np.float32(127.5)
+  x -= np.float32(1)
+  return x
+
+
 def check(path: str, space: str) -> None:
   """One-line error unless `path` is a readable zip holding this space's files (images or .npy)."""
   kind = "image zip at 64x64" if space == "pixel" else "latent zip (8-channel mean/std .npy)"
@@ -79,11 +87,7 @@ def load(path: str, space: str, label_dim: int) -> Tuple[Callable, int]:
       a = a.reshape(-1, *a.shape[-2:])
       return np.asarray(a, np.float32).transpose(1, 2, 0)
     from PIL import Image
-    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8)
-    x = img.astype(np.float32)
-    x /= np.float32(127.5)
-    x -= np.float32(1)
-    return x
+    return standard_rgb(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8))
 
   def source(indices):
     idx = np.asarray(indices, np.int64).reshape(-1)

@@ -160,6 +160,11 @@ class ImageNetSource:
                            lambda h, w: crop_offset(self.seed, index, h, w, s))
 
   def __call__(self, indices) -> dict:
+    images, labels = self.uint8_batch(indices)
+    return {"x": to_model_inputs(images), "label": labels}
+
+  def uint8_batch(self, indices) -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 [B, S, S, 3] images after `example`'s transform, int32 [B] class ids) of these examples."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
       raise IndexError(f"indices must lie in [0, {self.num_examples}), got [{idx.min()}, {idx.max()}]")
@@ -174,7 +179,7 @@ class ImageNetSource:
     else:
       for row, (i, data) in enumerate(zip(idx.tolist(), blobs)):
         images[row] = self.example(i, data)
-    return {"x": to_model_inputs(images), "label": np.asarray(labels, np.int32)}
+    return images, np.asarray(labels, np.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ def folder_index(root: str) -> Tuple[List[str], List[str], np.ndarray]:
   return classes, paths, np.asarray(labels, np.int32)
 
 
-def _read_files(paths: Sequence[str], labels: np.ndarray):
+def read_files(paths: Sequence[str], labels: np.ndarray):
   def read(idx):
     blobs = []
     for i in idx.tolist():
@@ -231,7 +236,7 @@ def load_folder(root: str, *, seed: int, resolution: int = 256, resize: int = 0,
   _check_classes(len(classes), num_classes, root)
   utils.log.info("%s: %d images in %d classes (VAR transform: shorter side %d, crop %d)", root, len(paths),
                  len(classes), int(resize) or resize_size(resolution), resolution)
-  source = ImageNetSource(_read_files(paths, labels), len(paths), seed=seed, resolution=resolution,
+  source = ImageNetSource(read_files(paths, labels), len(paths), seed=seed, resolution=resolution,
                           resize=resize, num_workers=num_workers)
   return source, len(paths)
 

@@ -58,6 +58,11 @@ VAE_DECODE_BATCH = 4
 VAE_FIX = ("download the diffusers folder stabilityai/sd-vae-ft-mse (config.json + diffusion_pytorch_model"
            ".safetensors), convert it with `python -m launch.convert sd-vae --src <folder> --out <dir>` and "
            "pass --vae <dir>")
+# model.data.source: EDM2's dataset zips, ImageNet read and center-cropped on the fly (tfds or a folder; latents
+# encoded by model.vae), or SYNTHETIC stand-ins (latents drawn directly, or disc images through model.vae).
+DATA_SOURCES = ("edm2_zip", "tfds", "folder", "synthetic", "synthetic_images")
+# EDM2's StabilityVAEEncoder.encode_pixels batch (8 images at a time; memory only).
+VAE_ENCODE_BATCH = 8
 # EDM2's StabilityVAEEncoder statistics of sd-vae-ft-mse latents on ImageNet (METHOD.md §2.5).
 STABILITY_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 STABILITY_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -136,33 +141,74 @@ class EDM2(EDM):
     if config.labels not in ("random", "balanced"):
       raise cli.ConfigError(f"model.labels={config.labels!r} is not a labelling", "config.model.labels",
                             "use 'balanced' (label = seed mod label_dim, DDO's EDM2 protocol) or 'random'")
+    # Sampling for evaluation (and launch.sample, which replaces these in from_model_dir): EDM2's Heun in
+    # float32, the net as trained, optionally autoguided by model.eval.guide; latents decode through model.vae.
+    self.sampler_name, self.float64, self.gain_dtype = "heun", False, None
+    self.guide_net = self.guide_params = self.guide_gain_dtype = None
+    self.vae = self.vae_params = self.vae_encoder = None
+    self.decoder = edm2_encoders.StandardRGBEncoder()
+    self.decoded_shape = tuple(self.sample_shape)
+    self._programs = {}
+    e = config.get("eval") or {}
+    self.guidance = float(e.get("guidance", 1.0) or 1.0) if hasattr(e, "get") else 1.0
+    self._vae_dir = config.get("vae", "") or ""
     self._check_data()
     if config.metric == "fid":
-      if self.space == "latent":
-        raise cli.ConfigError("model.metric='fid' on latents needs the SD VAE decoder, which this family "
-                              "does not wire up yet", "config.model.metric",
-                              "use --config.model.metric=denoise_loss (and selection.metric), or sample "
-                              "with launch tools and decode outside")
-      e = config.eval
-      if not e.ref_stats:
-        raise cli.ConfigError("model.metric='fid' needs model.eval.ref_stats", "config.model.eval.ref_stats",
-                              "pass EDM2's dataset-refs img64.pkl, or make them with `python -m "
-                              "launch.evaluate --make_ref --images <dataset> --out ref.npz`")
-      import os
-      if not (e.inception or os.environ.get("DDO_JAX_INCEPTION")):
-        raise cli.ConfigError("model.metric='fid' needs model.eval.inception", "config.model.eval.inception",
-                              "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
+      self._check_fid_config(e)
+
+  def _check_fid_config(self, e) -> None:
+    """One-line errors, before anything is written, for a FID metric that could not run."""
+    import os  # pylint: disable=import-outside-toplevel
+    if not e.get("ref_stats"):
+      res = "img512" if self.space == "latent" else "img64"
+      raise cli.ConfigError("model.metric='fid' needs model.eval.ref_stats", "config.model.eval.ref_stats",
+                            f"pass EDM2's https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/{res}.pkl, or make "
+                            "statistics with `python -m launch.evaluate --make_ref --images <dataset> --out ref.npz`")
+    if not os.path.isfile(e.ref_stats):
+      raise cli.ConfigError(f"reference statistics {e.ref_stats} not found", "config.model.eval.ref_stats",
+                            "give EDM2's img64.pkl / img512.pkl (dataset-refs) or an .npz of mu and sigma")
+    if not (e.get("inception") or os.environ.get("DDO_JAX_INCEPTION")):
+      raise cli.ConfigError("model.metric='fid' needs model.eval.inception", "config.model.eval.inception",
+                            "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
+    if self.space == "latent" and not self._vae_dir:
+      raise cli.ConfigError("model.metric='fid' on latents decodes the samples with the SD VAE", "config.model.vae",
+                            VAE_FIX.replace("pass --vae <dir>", "pass --config.model.vae=<dir>"))
+    if self.space == "latent":
+      _check_vae_dir(self._vae_dir, "config.model.vae")
+    guide = e.get("guide", "") or ""
+    if (self.guidance != 1.0) != bool(guide):
+      raise cli.ConfigError(f"model.eval.guidance={self.guidance:g} with model.eval.guide={guide!r}: autoguidance "
+                            "needs both", "config.model.eval.guide",
+                            "set both (DDO's img512 protocol: the converted edm2-img512-xs-0134217-0.165.pkl with "
+                            "guidance 1.1) or neither (guidance 1.0, no guide)")
+    if guide and not os.path.isfile(os.path.join(guide, "model.json")):
+      raise cli.ConfigError(f"no converted EDM2 guide network at {guide} (no model.json)", "config.model.eval.guide",
+                            "convert it with `python -m launch.convert edm2 --src edm2-img512-xs-0134217-0.165.pkl "
+                            "--out <dir>` and pass that folder")
 
   def _check_data(self) -> None:
     """Fail at start, in one line, for a dataset that is not there."""
     d = self.config.data
+    if d.source not in DATA_SOURCES:
+      raise cli.ConfigError(f"model.data.source={d.source!r} is not an EDM2 data source",
+                            "config.model.data.source", f"use one of {', '.join(DATA_SOURCES)}")
+    if d.source == "edm2_zip":
+      from ddo_jax.data import edm2_zip  # pylint: disable=import-outside-toplevel
+      edm2_zip.check(d.path, self.space)
+      return
     if d.source == "synthetic":
       return
-    if d.source != "edm2_zip":
-      raise cli.ConfigError(f"model.data.source={d.source!r} is not an EDM2 data source",
-                            "config.model.data.source", "use 'edm2_zip' or 'synthetic'")
-    from ddo_jax.data import edm2_zip
-    edm2_zip.check(d.path, self.space)
+    if self.space == "latent":   # pixels encoded on the fly need the VAE
+      if not self._vae_dir:
+        raise cli.ConfigError(f"model.data.source={d.source!r} on latents encodes the images with the SD VAE",
+                              "config.model.vae", VAE_FIX.replace("pass --vae <dir>", "pass --config.model.vae=<dir>"))
+      _check_vae_dir(self._vae_dir, "config.model.vae")
+    if d.source == "folder":
+      from ddo_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+      imagenet.folder_index(d.path)
+    elif d.source == "tfds":
+      from ddo_jax.data import imagenet  # pylint: disable=import-outside-toplevel
+      imagenet.open_tfds(d.get("split", "train") or "train", d.get("data_dir") or None)
 
   # --- pure functions -------------------------------------------------------------------------------
   def init_params(self, rng):
@@ -310,23 +356,19 @@ class EDM2(EDM):
     family.net = edm2_unet.build_precond(net_config, gain_dtype=meta.get("gain_dtype"))
     family.sampler_name, family.guidance, family.float64 = sampler, guidance, float64
     family.gain_dtype = meta.get("gain_dtype")
-    family.guide_net = family.guide_params = family.guide_gain_dtype = None
-    family.vae_params = None
-    family.decoder = edm2_encoders.StandardRGBEncoder()
-    family.decoded_shape = tuple(family.sample_shape)
     if guide:
       family._load_guide(pathlib.Path(guide))
     if space == "latent":
       family._load_vae(pathlib.Path(options["vae"]))
     return family, _load_variables(path, net_config)
 
-  def _load_guide(self, guide: pathlib.Path) -> None:
+  def _load_guide(self, guide: pathlib.Path, where: str = "--guide") -> None:
     from ddo_jax import families  # pylint: disable=import-outside-toplevel
     meta = families.read_model_json(guide)
     if meta.get("family", "edm") != "edm2":
       raise cli.UserError(f"{guide} holds a model of the family {meta.get('family', 'edm')!r}, not an EDM2 guide "
                           "network",
-                          "--guide", "give a folder written by `python -m launch.convert edm2` (e.g. of "
+                          where, "give a folder written by `python -m launch.convert edm2` (e.g. of "
                           "edm2-img512-xs-0134217-0.165.pkl)")
     config, _, _ = _model_dir_net(guide, meta)
     mine = (self.net_config["img_resolution"], self.net_config["img_channels"], self.label_dim)
@@ -334,31 +376,48 @@ class EDM2(EDM):
     if mine != theirs:
       raise cli.UserError(f"the guide {guide} makes {theirs[0]}x{theirs[0]}x{theirs[1]} samples with "
                           f"{theirs[2]} classes, the model {mine[0]}x{mine[0]}x{mine[1]} with {mine[2]}",
-                          "--guide", "give a guide trained on the same data (resolution, channels, classes)")
+                          where, "give a guide trained on the same data (resolution, channels, classes)")
     self.guide_net = edm2_unet.build_precond(config, gain_dtype=meta.get("gain_dtype"))
     self.guide_gain_dtype = meta.get("gain_dtype")
-    self.guide_params = _load_variables(guide, config, "--guide")
+    self.guide_params = _load_variables(guide, config, where)
 
-  def _load_vae(self, vae_dir: pathlib.Path) -> None:
+  def _load_vae(self, vae_dir: pathlib.Path, where: str = "--vae") -> None:
+    """The SD VAE of a `launch.convert sd-vae` folder (model.json + params/) or of a diffusers folder
+    (config.json + diffusion_pytorch_model.safetensors, converted in memory), as the latents' decoder."""
+    if self.vae is not None:
+      return
     from ddo_jax import families  # pylint: disable=import-outside-toplevel
     from ddo_jax.convert import sd_vae as sd_vae_convert  # pylint: disable=import-outside-toplevel
     from ddo_jax.nets import sd_vae  # pylint: disable=import-outside-toplevel
-    if not (vae_dir / "model.json").is_file():
-      raise cli.UserError(f"{vae_dir} has no model.json", "--vae", VAE_FIX)
-    meta = families.read_model_json(vae_dir)
-    if meta.get("family") != "sd-vae" or "vae" not in meta:
-      raise cli.UserError(f"{vae_dir} holds a model of the family {meta.get('family')!r}, not an SD-VAE", "--vae",
-                          VAE_FIX)
+    _check_vae_dir(vae_dir, where)
+    diffusers = not (vae_dir / "model.json").is_file()
+    if diffusers:
+      diffusers_config = json.loads((vae_dir / "config.json").read_text())
+    else:
+      meta = families.read_model_json(vae_dir)
+      if meta.get("family") != "sd-vae" or "vae" not in meta:
+        raise cli.UserError(f"{vae_dir} holds a model of the family {meta.get('family')!r}, not an SD-VAE", where,
+                            VAE_FIX)
+      diffusers_config = meta["vae"]
     try:
-      config = sd_vae_convert.config_from_diffusers(meta["vae"])
+      config = sd_vae_convert.config_from_diffusers(diffusers_config)
     except ValueError as e:
-      raise cli.UserError(f"{vae_dir}/model.json: {e}", "--vae", VAE_FIX) from e
+      raise cli.UserError(f"{vae_dir}: {e}", where, VAE_FIX) from e
     vae = sd_vae.build_autoencoder_kl(config)
     c = self.sample_shape[2]
     if int(config["latent_channels"]) != c:
       raise cli.UserError(f"the VAE in {vae_dir} has {config['latent_channels']} latent channels, the model {c}",
-                          "--vae", "give the VAE the model was trained with (stabilityai/sd-vae-ft-mse)")
-    params = load_replicated(vae_dir / "params", sd_vae.abstract_params(vae), "--vae")
+                          where, "give the VAE the model was trained with (stabilityai/sd-vae-ft-mse)")
+    if diffusers:
+      from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+      try:
+        _, host = sd_vae_convert.load_diffusers_folder(vae_dir)
+      except (KeyError, ValueError) as e:
+        raise cli.UserError(f"{vae_dir}: {str(e).splitlines()[0]}", where, VAE_FIX) from e
+      params = jax.device_put(host, parallel.replicated(parallel.make_mesh()))
+    else:
+      params = load_replicated(vae_dir / "params", sd_vae.abstract_params(vae), where)
+    self.vae = vae
     self.decoder = edm2_encoders.StabilityVAEEncoder(vae, scale=self.latent_scale, bias=self.latent_bias,
                                                      batch_size=VAE_DECODE_BATCH)
     self.vae_params = params
@@ -437,11 +496,14 @@ class EDM2(EDM):
                                 keys=keys)
     return x.astype(jnp.float32), classes
 
-  def image_sampler(self, params, mesh):
+  def _image_program(self, mesh):
+    """jit of (bundle {'net', 'guide', 'vae'}, base_key, seeds, positions) -> {'images' uint8, 'classes'}, one
+    per mesh: the sampler, then the VAE decoding each device's own rows (VAE_DECODE_BATCH at a time, never
+    gathering the batch) or EDM2's StandardRGB decoding."""
+    if id(mesh) in self._programs:
+      return self._programs[id(mesh)][1]
     from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
     from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
-    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
-    # The VAE decodes each device's own rows (VAE_DECODE_BATCH at a time), never gathering the batch.
     decode = jax.shard_map(lambda vae_params, x: self.decoder.decode(vae_params, x), mesh=mesh,
                            in_specs=(P(), P(parallel.BATCH_AXES)), out_specs=P(parallel.BATCH_AXES))
 
@@ -454,9 +516,16 @@ class EDM2(EDM):
         out["classes"] = classes
       return out
 
-    replicated = parallel.replicated(mesh)
-    program = make_position_sampler(fn, mesh, replicated)
-    bundle = jax.device_put({"net": params, "guide": self.guide_params, "vae": self.vae_params}, replicated)
+    program = make_position_sampler(fn, mesh, parallel.replicated(mesh))
+    self._programs[id(mesh)] = (mesh, program)   # the mesh is kept so that its id stays unique
+    return program
+
+  def image_sampler(self, params, mesh):
+    from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+    from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
+    program = self._image_program(mesh)
+    bundle = jax.device_put({"net": params, "guide": self.guide_params, "vae": self.vae_params},
+                            parallel.replicated(mesh))
     batch = parallel.batch_sharding(mesh)
     base = jax.random.key(seeded.CLI_BASE_SEED)
 
@@ -469,6 +538,47 @@ class EDM2(EDM):
 
     return run
 
+  # --- the round metric -----------------------------------------------------------------------------
+  def evaluate(self, params, sample: Callable, seed: int) -> dict:
+    """'denoise_loss' as EDM's, or 'fid': EDM2's FID protocol on model.eval.num_samples images of seeds 0..N-1
+    with strict class balance (seed i has class i mod label_dim), EDM2's Heun (model.sampler) in float32,
+    autoguided by model.eval.guide at model.eval.guidance when given, latents decoded by model.vae; each image
+    is the one `launch.sample --seeds 0-<N-1>` makes from the saved round. Against model.eval.ref_stats: EDM2's
+    dataset-refs .pkl (its 'fid' statistics) or an .npz."""
+    if self.config.metric != "fid":
+      return EDM.evaluate(self, params, sample, seed)
+    from ddo_jax import parallel, utils  # pylint: disable=import-outside-toplevel
+    from ddo_jax.metrics import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
+    from ddo_jax.metrics import reference_stats  # pylint: disable=import-outside-toplevel
+    e = self.config.eval
+    if self.space == "latent":
+      self._load_vae(pathlib.Path(self._vae_dir), "config.model.vae")
+    if e.get("guide") and self.guide_net is None:
+      self._load_guide(pathlib.Path(e.guide), "config.model.eval.guide")
+    if self._evaluator is None:
+      self._evaluator = evaluator_lib.Evaluator(
+          evaluator_lib.load_inception(e.inception or None), batch_size=e.batch_size,
+          ref_stats=reference_stats.load_reference_stats(e.ref_stats), compute_is=e.num_samples >= 10)
+    ev = self._evaluator
+    ev.reset()
+    sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or "data" not in mesh.shape:
+      mesh = parallel.make_mesh()
+    shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
+    run = self.image_sampler(params, mesh)
+    n, bs = int(e.num_samples), int(e.batch_size)
+    bs = -(-bs // shards) * shards
+    progress = utils.Progress("fid samples" + (f" (guidance {self.guidance:g})" if self.guide_net else ""), n,
+                              unit="images")
+    for start in range(0, n, bs):
+      stop = min(start + bs, n)
+      ids = np.arange(start, start + -(-(stop - start) // shards) * shards, dtype=np.int32)
+      images, _ = run(ids, ids)
+      ev.add_global_uint8(images[:stop - start])
+      progress.update(stop)
+    return ev.result()
+
   # --- data and evaluation (host side) --------------------------------------------------------------
   def real_source(self, seed: int):
     """Training examples {'x', 'label'}: images in [-1, 1] (pixel) or raw VAE moments (latent)."""
@@ -476,12 +586,13 @@ class EDM2(EDM):
     if self._source is None:
       d = self.config.data
       r, c = self.sample_shape[0], self.sample_shape[2]
-      if d.source != "synthetic":
-        from ddo_jax.data import edm2_zip
+      if d.source == "edm2_zip":
+        from ddo_jax.data import edm2_zip  # pylint: disable=import-outside-toplevel
         self._source = edm2_zip.load(d.path, self.space, self.label_dim)
-        return self._source
-      if self.space == "pixel":
-        from ddo_jax.data import cifar10
+      elif d.source in ("tfds", "folder", "synthetic_images"):
+        self._source = self._pixel_source(d)
+      elif self.space == "pixel":
+        from ddo_jax.data import cifar10  # pylint: disable=import-outside-toplevel
         if self.label_dim not in (0, cifar10.NUM_CLASSES):
           raise cli.ConfigError("synthetic pixel data has 10 classes", "config.model.net.label_dim", "use 10 or 0")
         self._source = cifar10.load_synthetic(int(d.num), r)
@@ -501,6 +612,36 @@ class EDM2(EDM):
         log.warning("EDM2 training data is SYNTHETIC latents (%d, %dx%dx%d moments), not ImageNet VAE latents",
                     len(moments), r, r, 2 * c)
     return self._source
+
+  def _pixel_source(self, d):
+    """ImageNet (tfds or folder, EDM2's center crop) or SYNTHETIC disc images, as pixels or, for latent models,
+    encoded on the fly into raw VAE moments by model.vae (`ddo_jax.data.edm2_imagenet`)."""
+    from ddo_jax.data import cifar10, edm2_imagenet  # pylint: disable=import-outside-toplevel
+    encode = None
+    if self.space == "latent":
+      self._load_vae(pathlib.Path(self._vae_dir), "config.model.vae")
+      encode = self.pixel_encoder()
+    res = self.image_shape[0]
+    if d.source == "synthetic_images":
+      if self.label_dim not in (0, cifar10.NUM_CLASSES):
+        raise cli.ConfigError("synthetic images have 10 classes", "config.model.net.label_dim", "use 10 or 0")
+      images, ids = cifar10.synthetic_images(int(d.num), res)
+      log.warning("EDM2 training data is SYNTHETIC (%d class-coloured disc images %dx%d, not ImageNet)%s",
+                  len(images), res, res, ", encoded by the VAE of model.vae" if encode else "")
+      read, n = (lambda idx: (images[idx], ids[idx])), len(images)
+    else:
+      base, n = edm2_imagenet.open_source(d, res, self.label_dim)
+      read = base.uint8_batch
+    return edm2_imagenet.model_source(read, n, self.label_dim, encode)
+
+  def pixel_encoder(self):
+    """uint8 images [B, H, W, 3] -> raw moments cat[mean, std] [B, h, w, 2C] (numpy), EDM2's
+    StabilityVAEEncoder.encode_pixels (VAE_ENCODE_BATCH images at a time), one jitted program per batch size."""
+    enc = edm2_encoders.StabilityVAEEncoder(self.vae, scale=self.latent_scale, bias=self.latent_bias,
+                                            batch_size=VAE_ENCODE_BATCH)
+    fn = jax.jit(enc.encode_pixels)
+    params = self.vae_params
+    return lambda pixels: np.asarray(fn(params, jnp.asarray(pixels, jnp.uint8)))
 
   def ground_truth(self, seed: int, num: int) -> np.ndarray:
     source, n = self.real_source(seed)
@@ -534,6 +675,22 @@ class EDM2(EDM):
       # Latents shown as they are (channels 0-2 mapped from EDM2's +-2 range), not decoded by the VAE.
       x = np.asarray(x)[..., :3] / 2.0
     EDM.plot_samples(self, ax, x, title)
+
+
+def _check_vae_dir(vae_dir, where: str) -> None:
+  """One line unless vae_dir is a `launch.convert sd-vae` folder (model.json) or a diffusers AutoencoderKL folder
+  (config.json and its weights)."""
+  d = pathlib.Path(vae_dir)
+  if (d / "model.json").is_file():
+    return
+  if (d / "config.json").is_file():
+    from ddo_jax.convert import sd_vae as sd_vae_convert  # pylint: disable=import-outside-toplevel
+    try:
+      sd_vae_convert.weight_file(d)
+      return
+    except (FileNotFoundError, ValueError) as e:
+      raise cli.UserError(f"{d}: {str(e).splitlines()[0]}", where, VAE_FIX) from e
+  raise cli.UserError(f"no SD VAE at {d} (neither model.json nor a diffusers config.json)", where, VAE_FIX)
 
 
 def _model_dir_net(path, meta):

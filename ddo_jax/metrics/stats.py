@@ -160,7 +160,9 @@ def sharded_sums(features, mesh: Mesh, axis_name: str = "data",
   """
   features, mask = _check_batch(features, mask, mesh, axis_name)
   sums, _ = _sharded_fns(mesh, axis_name)
-  with jax.enable_x64(True):
+  # This mesh is the context mesh while the shard_map runs: a caller's own (e.g. the training driver's
+  # jax.set_mesh of its data/fsdp mesh, which evaluation runs inside) would not match it.
+  with jax.enable_x64(True), jax.set_mesh(mesh):
     return sums(features, mask)
 
 
@@ -179,5 +181,5 @@ def sharded_update(stats: FeatureStats, features, mesh: Mesh, axis_name: str = "
   """
   features, mask = _check_batch(features, mask, mesh, axis_name)
   _, add = _sharded_fns(mesh, axis_name)
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), jax.set_mesh(mesh):   # see sharded_sums
     return add(stats, features, mask)
