@@ -31,11 +31,11 @@ import argparse
 import functools
 import json
 import pathlib
-import resource
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+from benchmarks.bench_common import log as _log, mib as _mib, rss_mib as _rss_mib, buffers as _buffers, flops as _flops, device_stats as _device_stats, median as _median, tree_bytes as _bytes  # noqa: E402
 
 # vae_ch160v4096z32.pth (VAR's released VQVAE; ddo_jax/convert/vqvae.py converts it)
 REAL_VAE = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4)
@@ -60,61 +60,6 @@ def _args(argv=None):
   ap.add_argument("--precision", default="highest", choices=["highest", "high", "default"],
                   help="jax_default_matmul_precision")
   return ap.parse_args(argv)
-
-
-def _log(*a):
-  print(*a, file=sys.stderr, flush=True)
-
-
-def _mib(n) -> float:
-  return round(n / 2 ** 20, 1)
-
-
-def _rss_mib() -> float:
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-def _buffers(compiled) -> dict:
-  try:
-    m = compiled.memory_analysis()
-    return dict(args_mib=_mib(m.argument_size_in_bytes), out_mib=_mib(m.output_size_in_bytes),
-                temp_mib=_mib(m.temp_size_in_bytes), alias_mib=_mib(m.alias_size_in_bytes))
-  except Exception as e:  # some backends do not implement it
-    return dict(error=type(e).__name__)
-
-
-def _flops(compiled) -> float:
-  try:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-      ca = ca[0] if ca else {}
-    return float(ca.get("flops", 0.0) or 0.0)
-  except Exception:
-    return 0.0
-
-
-def _device_stats(dev) -> dict:
-  try:
-    return dev.memory_stats() or {}
-  except Exception:
-    return {}
-
-
-def _median(v):
-  v = sorted(v)
-  n = len(v)
-  return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-
-
-def _bytes(tree) -> int:
-  import jax
-  import numpy as np
-  def nbytes(x):
-    try:
-      return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-    except TypeError:   # PRNG keys
-      return 0
-  return int(sum(nbytes(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def make_config(size: str):

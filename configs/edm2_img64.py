@@ -70,6 +70,8 @@ def get_config(arg: str = "s"):
       labels="balanced",                        # label = seed mod 1000 (DDO's EDM2_sample.py)
       sampler=dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0),  # 63 NFE
       data=dict(source="edm2_zip", path="", num=0, split="train", data_dir="", num_workers=0),
+      compute_dtype="float32",                  # or 'bfloat16' (Blocks in bf16; see benchmarks/edm2_bench.py)
+      remat=False,                              # True: rematerialize each Block in the backward pass
       metric="fid",
       eval_batch=256,                           # held-out batch of the 'denoise_loss' metric
       # FID: 50k samples, seeds 0..49999, class = seed mod 1000 (EDM2_sample.py), unguided (guidance 1.0).

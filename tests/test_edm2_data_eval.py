@@ -199,3 +199,15 @@ def test_fid_round_metric_decodes_autoguided_class_balanced_samples(tmp_path):
   want = ev.result()
   # batches of 8 (the metric) vs 12 here may round a decoded pixel differently (+-1 of 255): 1e-3 relative
   np.testing.assert_allclose(out["fid"], want["fid"], rtol=1e-3)
+
+
+def test_compute_dtype_and_remat_options_reach_the_net():
+  c = edm2_img64.get_config("tiny")
+  c.model.update(compute_dtype="bfloat16", remat=True)
+  family = edm2.EDM2(c.model)
+  assert family.net.unet.compute_dtype == "bfloat16" and family.net.unet.remat
+  plain = edm2.EDM2(edm2_img64.get_config("tiny").model)
+  assert plain.net.unet.compute_dtype == "float32" and not plain.net.unet.remat   # the parity path by default
+  c.model.compute_dtype = "float16"
+  with pytest.raises(cli.ConfigError, match=r"\(config.model.compute_dtype\)"):
+    edm2.EDM2(c.model)

@@ -416,3 +416,41 @@ def test_block_dropout():
   nodrop = edm2_unet.Block(8, flavor="dec", attention=True, channels_per_head=4)
   np.testing.assert_allclose(det, np.asarray(jax.jit(nodrop.apply)(v, x, emb)), rtol=0, atol=1e-6)
   assert np.max(np.abs(r1 - det)) > 1e-3 and np.max(np.abs(r1 - r2)) > 1e-3
+
+
+def test_remat_option_same_values_and_gradients():
+  """remat=True (each Block under jax.checkpoint) gives the goldens' D and the same gradients as without."""
+  config, state, io = _fixture("precond_img")
+  v = edm2_names.torch_to_flax(state, config)
+  x, sigma, labels = _nhwc(io["x"]), jnp.asarray(io["sigma"]), jnp.asarray(io["class_labels"])
+  outs, grads = [], []
+  for remat in (False, True):
+    net = edm2_unet.build_precond(config, remat=remat)
+    f = lambda p, net=net: jnp.sum(net.apply(p, x, sigma, labels) ** 2)
+    outs.append(np.asarray(jax.jit(net.apply)(v, x, sigma, labels)))
+    grads.append(jax.jit(jax.grad(f))(v))
+  assert _err(outs[1], io["D"]) <= ATOL
+  np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))
+
+
+def test_bfloat16_option_runs_close_to_float32():
+  """compute_dtype='bfloat16': the Blocks' convolutions and matmuls run in bfloat16 (the embedding's stay
+  float32), F comes back float32 and within bfloat16's rounding of the goldens' F; the parameter tree is the same."""
+  config, state, io = _fixture("precond_img")
+  v = edm2_names.torch_to_flax(state, config)
+  x, sigma, labels = _nhwc(io["x"]), jnp.asarray(io["sigma"]), jnp.asarray(io["class_labels"])
+  net = edm2_unet.build_precond(config, compute_dtype="bfloat16")
+  jaxpr = jax.make_jaxpr(lambda v: net.apply(v, x, sigma, labels, method="raw"))(v)
+  convs = [e.outvars[0].aval.dtype for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert convs and all(d == jnp.bfloat16 for d in convs)
+  f = jax.jit(lambda v: net.apply(v, x, sigma, labels, method="raw"))(v)
+  assert f.dtype == jnp.float32
+  want = _nhwc(io["F"])
+  err = float(jnp.max(jnp.abs(f - want)) / jnp.max(jnp.abs(want)))
+  print("bfloat16 F: max abs error relative to max|F|", err)
+  assert 0 < err < 0.1, err      # bfloat16 has 8 significand bits: a few 1e-3 per layer, compounded
+  assert jax.tree_util.tree_structure(edm2_unet.abstract_variables(net)) == jax.tree_util.tree_structure(v)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    edm2_unet.build_precond(config, compute_dtype="float16").apply(v, x, sigma, labels)

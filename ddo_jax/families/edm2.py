@@ -118,7 +118,13 @@ class EDM2(EDM):
     if self.net_config.get("unet_kwargs", {}).get("dropout", 0.0):
       raise cli.ConfigError("DDO runs EDM2 without dropout (METHOD.md §2.2 item 7)",
                             "config.model.net.unet_kwargs.dropout", "set it to 0.0")
-    self.net = edm2_unet.build_precond(self.net_config)
+    compute_dtype = config.get("compute_dtype", "float32") or "float32"
+    if compute_dtype not in ("float32", "bfloat16"):
+      raise cli.ConfigError(f"model.compute_dtype={compute_dtype!r} is not 'float32' or 'bfloat16'",
+                            "config.model.compute_dtype", "use float32 (default, the parity path) or bfloat16")
+    # Execution options of the net (off by default): bfloat16 Blocks, rematerialized Blocks in the backward.
+    self.net = edm2_unet.build_precond(self.net_config, compute_dtype=compute_dtype,
+                                       remat=bool(config.get("remat", False)))
     self.label_dim = int(self.net_config["label_dim"])
     r, c = self.net_config["img_resolution"], self.net_config["img_channels"]
     self.sample_shape = (r, r, c)

@@ -74,7 +74,9 @@ def true_divide(x: Array, d) -> Array:
   simplifier cannot see through (it does not fold a float multiply by zero); for finite x the divisor's
   value is unchanged.
   """
-  return x / (d + x * np.float32(0))
+  if isinstance(d, (float, np.floating)):
+    d = np.asarray(d, x.dtype)    # a constant divisor keeps x's dtype (bfloat16 compute), exact for float32
+  return x / (d + x * np.asarray(0, x.dtype))
 
 
 def normalize(x: Array, axis=None, eps: float = NORM_EPS) -> Array:
@@ -104,8 +106,8 @@ def mp_silu(x: Array) -> Array:
 def _lerp(a: Array, b: Array, t: float) -> Array:
   """torch.lerp with a scalar weight: a + t (b - a) for |t| < 0.5, else b - (b - a)(1 - t)."""
   if abs(t) < 0.5:
-    return a + np.float32(t) * (b - a)
-  return b - (b - a) * np.float32(1 - t)
+    return a + np.asarray(t, a.dtype) * (b - a)
+  return b - (b - a) * np.asarray(1 - t, a.dtype)
 
 
 def mp_sum(a: Array, b: Array, t: float = 0.5) -> Array:
@@ -117,8 +119,8 @@ def mp_cat(a: Array, b: Array, t: float = 0.5, axis: int = -1) -> Array:
   """Concatenation [a * wa, b * wb] on `axis` (channels), weights keeping unit magnitude."""
   na, nb = a.shape[axis], b.shape[axis]
   c = np.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-  wa = np.float32(c / np.sqrt(na) * (1 - t))
-  wb = np.float32(c / np.sqrt(nb) * t)
+  wa = np.asarray(np.float32(c / np.sqrt(na) * (1 - t)), a.dtype)
+  wb = np.asarray(np.float32(c / np.sqrt(nb) * t), b.dtype)
   return jnp.concatenate([a * wa, b * wb], axis=axis)
 
 
@@ -276,8 +278,9 @@ class Block(nn.Module):
       qkv = normalize(qkv, axis=3)  # pixel norm of each of q, k, v over its channels
       q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]   # [n, positions, heads, ch]
       prec = _precision(self.precision)
-      logits = jnp.einsum("nqhc,nkhc->nhqk", q, true_divide(k, np.float32(np.sqrt(ch))), precision=prec)
-      weights = jax.nn.softmax(logits, axis=-1)
+      logits = jnp.einsum("nqhc,nkhc->nhqk", q, true_divide(k, np.float32(np.sqrt(ch))), precision=prec,
+                          preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)   # float32 softmax also under bfloat16
       y = jnp.einsum("nhqk,nkhc->nqhc", weights, v, precision=prec).reshape(n, h, w, cout)
       x = mp_sum(x, self._conv(cout, (1, 1), "attn_proj")(y), t=self.attn_balance)
 
@@ -289,8 +292,12 @@ class Block(nn.Module):
 class UNet(nn.Module):
   """EDM2 U-Net: F = unet(x, noise_labels, class_labels), x and F in NHWC.
 
-  Fields mirror the upstream UNet and Block keyword arguments and defaults (UNET_DEFAULTS); the last two
-  are execution options (`gain_dtype`, `precision`), not architecture.
+  Fields mirror the upstream UNet and Block keyword arguments and defaults (UNET_DEFAULTS); the last four
+  are execution options, not architecture: `gain_dtype`, `precision`, and, off by default,
+  `compute_dtype='bfloat16'` (every Block's activations, convolutions and matmuls in bfloat16, like upstream's
+  float16 path on CUDA: the embedding, every normalization's statistics, the attention softmax and F's
+  conversion back stay float32) and `remat=True` (each Block rematerialized in the backward pass,
+  jax.checkpoint: less activation memory for one more forward).
   """
   img_resolution: int
   img_channels: int
@@ -311,6 +318,8 @@ class UNet(nn.Module):
   clip_act: Optional[float] = 256
   gain_dtype: Optional[str] = None
   precision: Any = "highest"
+  compute_dtype: str = "float32"
+  remat: bool = False
 
   def channels(self):
     """(cblock per level, cnoise, cemb) as upstream derives them."""
@@ -324,7 +333,8 @@ class UNet(nn.Module):
     return MPConv(features, kernel_size, gain_dtype=self.gain_dtype, precision=self.precision, name=name)
 
   def _block(self, name, cout, **kw):
-    return Block(cout, resample_filter=tuple(self.resample_filter), channels_per_head=self.channels_per_head,
+    cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block   # (self, x, emb, deterministic)
+    return cls(cout, resample_filter=tuple(self.resample_filter), channels_per_head=self.channels_per_head,
                  dropout=self.dropout, res_balance=self.res_balance, attn_balance=self.attn_balance,
                  clip_act=self.clip_act, gain_dtype=self.gain_dtype, precision=self.precision, name=name, **kw)
 
@@ -332,6 +342,8 @@ class UNet(nn.Module):
   def __call__(self, x: Array, noise_labels: Array, class_labels: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """x: [B, H, W, img_channels]; noise_labels: [B] (or [1]); class_labels: [B, label_dim] or None."""
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"EDM2 UNet: compute_dtype {self.compute_dtype!r} must be 'float32' or 'bfloat16'")
     cblock, cnoise, cemb = self.channels()
     out_gain = self.param("out_gain", nn.initializers.zeros, ())
 
@@ -345,7 +357,7 @@ class UNet(nn.Module):
     emb = mp_silu(emb)
 
     # Encoder: every output goes on the skip stack.
-    x = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
+    x = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1).astype(self.compute_dtype)
     skips = []
     attn = tuple(self.attn_resolutions)
     for level, channels in enumerate(cblock):
@@ -375,7 +387,7 @@ class UNet(nn.Module):
         x = mp_cat(x, skips.pop(), t=self.concat_balance)
         x = self._block(f"dec_{res}x{res}_block{idx}", channels, flavor="dec", attention=res in attn)(
             x, emb, deterministic)
-    return self._conv(self.img_channels, (3, 3), "out_conv")(x, gain=out_gain)
+    return self._conv(self.img_channels, (3, 3), "out_conv")(x, gain=out_gain).astype(jnp.float32)
 
 
 class Precond(nn.Module):
@@ -442,11 +454,12 @@ def plain_dict(config) -> dict:
 
 
 def build_precond(config: Mapping[str, Any], gain_dtype: Optional[str] = None,
-                  precision: Any = "highest") -> Precond:
+                  precision: Any = "highest", compute_dtype: str = "float32", remat: bool = False) -> Precond:
   """The Precond described by a config from `ddo_jax.convert.edm2_names.config_from_init_kwargs`.
 
   config: {'class_name': 'Precond', 'img_resolution', 'img_channels', 'label_dim', 'use_fp16',
-           'sigma_data', 'logvar_channels', 'unet_kwargs': {UNet kwargs}}.
+           'sigma_data', 'logvar_channels', 'unet_kwargs': {UNet kwargs}}. compute_dtype, remat: the UNet's
+  execution options (float32 and no remat by default, the parity path).
   """
   config = plain_dict(config)
   kw = dict(UNET_DEFAULTS)
@@ -454,7 +467,8 @@ def build_precond(config: Mapping[str, Any], gain_dtype: Optional[str] = None,
   for k in ("channel_mult", "attn_resolutions", "resample_filter"):
     kw[k] = tuple(kw[k])
   unet = UNet(img_resolution=int(config["img_resolution"]), img_channels=int(config["img_channels"]),
-              label_dim=int(config["label_dim"]), gain_dtype=gain_dtype, precision=precision, **kw)
+              label_dim=int(config["label_dim"]), gain_dtype=gain_dtype, precision=precision,
+              compute_dtype=compute_dtype, remat=bool(remat), **kw)
   pk = dict(PRECOND_DEFAULTS)
   pk.update({k: config[k] for k in PRECOND_DEFAULTS if k in config})
   return Precond(unet=unet, label_dim=int(config["label_dim"]), use_fp16=bool(pk["use_fp16"]),
