@@ -63,6 +63,7 @@ VAE_FIX = ("download the diffusers folder stabilityai/sd-vae-ft-mse (config.json
 DATA_SOURCES = ("edm2_zip", "tfds", "folder", "synthetic", "synthetic_images")
 # EDM2's StabilityVAEEncoder.encode_pixels batch (8 images at a time; memory only).
 VAE_ENCODE_BATCH = 8
+VAE_FIX_CONFIG = VAE_FIX.replace("pass --vae <dir>", "pass --config.model.vae=<dir>")   # training configs
 # EDM2's StabilityVAEEncoder statistics of sd-vae-ft-mse latents on ImageNet (METHOD.md §2.5).
 STABILITY_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 STABILITY_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -151,12 +152,12 @@ class EDM2(EDM):
     # float32, the net as trained, optionally autoguided by model.eval.guide; latents decode through model.vae.
     self.sampler_name, self.float64, self.gain_dtype = "heun", False, None
     self.guide_net = self.guide_params = self.guide_gain_dtype = None
-    self.vae = self.vae_params = self.vae_encoder = None
+    self.vae = self.vae_params = None
     self.decoder = edm2_encoders.StandardRGBEncoder()
     self.decoded_shape = tuple(self.sample_shape)
     self._programs = {}
     e = config.get("eval") or {}
-    self.guidance = float(e.get("guidance", 1.0) or 1.0) if hasattr(e, "get") else 1.0
+    self.guidance = float(e.get("guidance", 1.0))
     self._vae_dir = config.get("vae", "") or ""
     self._check_data()
     if config.metric == "fid":
@@ -178,7 +179,7 @@ class EDM2(EDM):
                             "pass pytorch-fid's pt_inception-2015-12-05-6726825d.pth or set $DDO_JAX_INCEPTION")
     if self.space == "latent" and not self._vae_dir:
       raise cli.ConfigError("model.metric='fid' on latents decodes the samples with the SD VAE", "config.model.vae",
-                            VAE_FIX.replace("pass --vae <dir>", "pass --config.model.vae=<dir>"))
+                            VAE_FIX_CONFIG)
     if self.space == "latent":
       _check_vae_dir(self._vae_dir, "config.model.vae")
     guide = e.get("guide", "") or ""
@@ -207,7 +208,7 @@ class EDM2(EDM):
     if self.space == "latent":   # pixels encoded on the fly need the VAE
       if not self._vae_dir:
         raise cli.ConfigError(f"model.data.source={d.source!r} on latents encodes the images with the SD VAE",
-                              "config.model.vae", VAE_FIX.replace("pass --vae <dir>", "pass --config.model.vae=<dir>"))
+                              "config.model.vae", VAE_FIX_CONFIG)
       _check_vae_dir(self._vae_dir, "config.model.vae")
     if d.source == "folder":
       from ddo_jax.data import imagenet  # pylint: disable=import-outside-toplevel
@@ -506,8 +507,8 @@ class EDM2(EDM):
     """jit of (bundle {'net', 'guide', 'vae'}, base_key, seeds, positions) -> {'images' uint8, 'classes'}, one
     per mesh: the sampler, then the VAE decoding each device's own rows (VAE_DECODE_BATCH at a time, never
     gathering the batch) or EDM2's StandardRGB decoding."""
-    if id(mesh) in self._programs:
-      return self._programs[id(mesh)][1]
+    if mesh in self._programs:
+      return self._programs[mesh]
     from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
     from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
     decode = jax.shard_map(lambda vae_params, x: self.decoder.decode(vae_params, x), mesh=mesh,
@@ -523,7 +524,7 @@ class EDM2(EDM):
       return out
 
     program = make_position_sampler(fn, mesh, parallel.replicated(mesh))
-    self._programs[id(mesh)] = (mesh, program)   # the mesh is kept so that its id stays unique
+    self._programs[mesh] = program
     return program
 
   def image_sampler(self, params, mesh):
