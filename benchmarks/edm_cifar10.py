@@ -74,6 +74,10 @@ def _args(argv=None):
                   help="skip compile_cache.release_compile_memory() (malloc_trim) after compiling")
   ap.add_argument("--profile_dir", default="", help="write a jax.profiler trace of 2 timed steps here")
   ap.add_argument("--hlo_dump", default="", help="write the compiled step's HLO text here")
+  ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
+                  help="XLA compile option for the step and the sampler (repeatable), on top of "
+                       "ddo_jax.xla_options' (e.g. xla_cpu_experimental_ynn_fusion_type="
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION: XLA's own CPU default)")
   ap.add_argument("--json", action="store_true", help="(accepted for symmetry; the JSON line is always printed)")
   return ap.parse_args(argv)
 
@@ -100,6 +104,11 @@ class _CacheEvents:
   def since(self, before):
     h, m = self.counts["hits"] - before["hits"], self.counts["misses"] - before["misses"]
     return "hit" if h and not m else "miss" if m and not h else "mixed" if h else "none"
+
+
+def _compile_kw(a) -> dict:
+  opts = dict(kv.split("=", 1) for kv in a.xla_option)
+  return {"compiler_options": opts} if opts else {}
 
 
 def net_config(size: str, variant: str, compute_dtype: str = "float32", remat: bool = False) -> dict:
@@ -133,7 +142,7 @@ def main(argv=None):
   jax.config.update("jax_default_matmul_precision", a.precision)
 
   from configs import edm_cifar10
-  from ddo_jax import families, parallel
+  from ddo_jax import families, parallel, xla_options
   from ddo_jax.sampling import seeded
   from ddo_jax.train import optim, step as step_lib
 
@@ -154,7 +163,8 @@ def main(argv=None):
   res = family.sample_shape[0]
   out = dict(impl="ddo-jax", jax=jax.__version__, backend=jax.default_backend(), device=dev.device_kind,
              n_devices=len(devices), size=a.size, batch=a.batch, n_params=n_params, precision=a.precision,
-             compute_dtype=a.compute_dtype, remat=a.remat, ema=a.ema, compile_cache=cache_dir)
+             compute_dtype=a.compute_dtype, remat=a.remat, ema=a.ema, compile_cache=cache_dir,
+             xla_options=dict(xla_options.compiler_options(mesh), **_compile_kw(a).get("compiler_options", {})))
 
   param_sh = parallel.param_shardings(shapes, mesh)
   rng = np.random.default_rng(0)
@@ -181,7 +191,7 @@ def main(argv=None):
     # Compile from abstract shapes, before any parameter buffer exists (as a cached or AOT run would).
     before = events.snapshot()
     t0 = time.perf_counter()
-    compiled = step.lower(abstract_state, shapes, abstract_batch).compile()
+    compiled = step.lower(abstract_state, shapes, abstract_batch).compile(**_compile_kw(a))
     out["compile_s"] = round(time.perf_counter() - t0, 3)
     out["compile_cache_result"] = events.since(before)
     out["peak_rss_compile_mib"] = _rss_mib()
@@ -249,7 +259,7 @@ def main(argv=None):
       with jax.enable_x64(f64):
         before = events.snapshot()
         t0 = time.perf_counter()
-        sampler = fn.lower(params, base, ids).compile()
+        sampler = fn.lower(params, base, ids).compile(**_compile_kw(a))
         comp = time.perf_counter() - t0
         hit = events.since(before)
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import edm2_img64, edm2_img512
-from ddo_jax import cli
+from ddo_jax import cli, xla_options
 from ddo_jax.convert import edm2 as edm2_convert
 from ddo_jax.convert import sd_vae as sd_vae_convert
 from ddo_jax.data import edm2_imagenet, edm2_zip
@@ -100,7 +100,10 @@ def test_imagenet_latents_encoded_on_the_fly_by_the_vae(imagenet_like):
   got = source(np.arange(n))
   encoder, params = sd_vae_convert.load_stability_vae_encoder(vae_dir)
   crops = np.stack([edm2_imagenet.center_crop_dhariwal(img, 32) for _, img in items])
-  want = np.asarray(jax.jit(encoder.encode_pixels)(params, jnp.asarray(crops)))
+  # compiled as the data source compiles it (ddo_jax.xla_options; those options' own rounding is
+  # tests/test_xla_options.py's subject): the same program, so the same values
+  want = np.asarray(jax.jit(encoder.encode_pixels, compiler_options=xla_options.compiler_options())(
+      params, jnp.asarray(crops)))
   assert got["x"].shape == (n, 16, 16, 8) and np.all(got["x"][..., 4:] > 0)   # std channels are positive
   err = np.abs(got["x"] - want).max()
   print("on-the-fly moments vs encode_pixels: max abs", err)

@@ -5,7 +5,7 @@
     families/                  per-family model math and host hooks
     metrics/  data/  convert/  FID, datasets and negatives, torch-free readers and writers
     sampling/  nets/           samplers, Flax modules
-    objective  tree_io  plots  parallel  utils  cli  faults
+    objective  tree_io  plots  parallel  xla_options  utils  cli  faults
 """
 import ast
 import pathlib
@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BOTTOM = {"utils", "cli", "faults", "parallel", "objective", "tree_io", "plots", "compat"}
+BOTTOM = {"utils", "cli", "faults", "parallel", "objective", "tree_io", "plots", "compat", "xla_options"}
 # package -> the project packages it may import (besides itself)
 ALLOWED = {
     "nets": {"utils", "parallel", "compat"},

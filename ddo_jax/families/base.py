@@ -115,14 +115,15 @@ def make_position_sampler(fn: Callable, mesh, param_shardings) -> Callable:
   `fn` is pure: per-seed keys [B] (fold_in(base_key, seed), as `ddo_jax.sampling.seeded`), the seeds and their
   positions in the seed list (int32 [B], batch-sharded) -> a dict of [B, ...] arrays, kept batch-sharded.
   """
-  from ddo_jax import parallel  # pylint: disable=import-outside-toplevel
+  from ddo_jax import parallel, xla_options  # pylint: disable=import-outside-toplevel
   from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
   batch = parallel.batch_sharding(mesh)
 
   def run(params, base_key, seeds, positions):
     return fn(params, seeded.seed_keys(base_key, seeds), seeds, positions)
 
-  return jax.jit(run, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch)
+  return jax.jit(run, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch,
+                 compiler_options=xla_options.compiler_options(mesh))
 
 
 class Family(abc.ABC):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddo_jax import cli
+from ddo_jax import cli, xla_options
 from ddo_jax.families import diffusion
 from ddo_jax.families.edm import EDM, to_uint8
 from ddo_jax.families.base import Family, load_replicated, make_position_sampler, refuse_options
@@ -646,7 +646,7 @@ class EDM2(EDM):
     StabilityVAEEncoder.encode_pixels (VAE_ENCODE_BATCH images at a time), one jitted program per batch size."""
     enc = edm2_encoders.StabilityVAEEncoder(self.vae, scale=self.latent_scale, bias=self.latent_bias,
                                             batch_size=VAE_ENCODE_BATCH)
-    fn = jax.jit(enc.encode_pixels)
+    fn = jax.jit(enc.encode_pixels, compiler_options=xla_options.compiler_options())
     params = self.vae_params
     return lambda pixels: np.asarray(fn(params, jnp.asarray(pixels, jnp.uint8)))
 

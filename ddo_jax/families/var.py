@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddo_jax import cli, objective
+from ddo_jax import cli, objective, xla_options
 from ddo_jax.families.base import Family, load_replicated, make_position_sampler, refuse_options
 from ddo_jax.nets import var as var_net
 from ddo_jax.nets import var_vqvae
@@ -307,7 +307,8 @@ class VAR(Family):
         batch = parallel.batch_sharding(mesh)
       else:
         from ddo_jax.sampling import seeded  # pylint: disable=import-outside-toplevel
-        program = jax.jit(lambda p, base, seeds, pos: fn(p, seeded.seed_keys(base, seeds), seeds, pos))
+        program = jax.jit(lambda p, base, seeds, pos: fn(p, seeded.seed_keys(base, seeds), seeds, pos),
+                          compiler_options=xla_options.compiler_options())
         shards, batch = 1, None
 
       def run(p, base, ids):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ddo_jax import cli, parallel, utils
+from ddo_jax import cli, parallel, utils, xla_options
 from ddo_jax.metrics import fid as fid_lib
 from ddo_jax.metrics import stats as stats_lib
 from ddo_jax.nets import inception
@@ -190,7 +190,7 @@ def _feature_fn(model: inception.InceptionV3, mesh: Mesh):
     return {"pool3": out["pool3"], "logits_unbiased": out["logits_unbiased"]}
 
   return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))
+                 out_shardings=parallel.batch_sharding(mesh), compiler_options=xla_options.compiler_options(mesh))
 
 
 @functools.lru_cache(maxsize=None)

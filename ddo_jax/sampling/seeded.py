@@ -8,7 +8,7 @@ from typing import Callable
 
 import jax
 
-from ddo_jax import parallel
+from ddo_jax import parallel, xla_options
 
 # launch.sample and launch.evaluate --model: seed s uses fold_in(jax.random.key(CLI_BASE_SEED), s), so both
 # tools draw the same image for the same seed.
@@ -31,7 +31,8 @@ def make_seeded_sampler(sample: Callable, mesh, param_shardings) -> Callable:
   def fn(params, base_key, seeds):
     return sample(params, seed_keys(base_key, seeds), seeds)
 
-  return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch), out_shardings=batch)
+  return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch), out_shardings=batch,
+                 compiler_options=xla_options.compiler_options(mesh))
 
 
 def make_paired_sampler(sample_paired: Callable, mesh, param_shardings) -> Callable:
@@ -42,4 +43,5 @@ def make_paired_sampler(sample_paired: Callable, mesh, param_shardings) -> Calla
   def fn(params, base_key, seeds, real):
     return sample_paired(params, seed_keys(base_key, seeds), seeds, real)
 
-  return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch)
+  return jax.jit(fn, in_shardings=(param_shardings, parallel.replicated(mesh), batch, batch), out_shardings=batch,
+                 compiler_options=xla_options.compiler_options(mesh))

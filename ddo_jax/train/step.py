@@ -27,7 +27,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ddo_jax import objective, parallel
+from ddo_jax import objective, parallel, xla_options
 from ddo_jax.train import ema as ema_lib
 
 IMPLS = ("jit", "shard_map")
@@ -209,7 +209,7 @@ def _make_step(loss_fn: Callable, tx, ema_specs, batch_size: int, mesh, sharding
   jitted = jax.jit(step,
                    in_shardings=(shardings, ref_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(shardings, parallel.replicated(mesh)),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=xla_options.compiler_options(mesh))
   jitted.num_traces = lambda: traces[0]
   return jitted
 
